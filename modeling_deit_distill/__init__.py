@@ -1,0 +1,34 @@
+"""DeiT with a distillation token as a Hugging Face transformers model.
+
+Importing this package registers the model with the Auto classes, and `save_pretrained` writes the model's
+code next to the weights so a saved directory or Hub repo loads with `trust_remote_code=True` alone.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
+
+from .configuration_deit_distill import DeiTDistillConfig
+from .image_processing import build_image_processor
+from .modeling_deit_distill import (
+    DeiTDistillForImageClassification,
+    DeiTDistillImageClassifierOutput,
+    DeiTDistillModel,
+    DeiTDistillPreTrainedModel,
+)
+
+AutoConfig.register(DeiTDistillConfig.model_type, DeiTDistillConfig, exist_ok=True)
+AutoModel.register(DeiTDistillConfig, DeiTDistillModel, exist_ok=True)
+AutoModelForImageClassification.register(DeiTDistillConfig, DeiTDistillForImageClassification, exist_ok=True)
+
+# save_pretrained copies the code files and writes `auto_map` into config.json.
+DeiTDistillConfig.register_for_auto_class()
+DeiTDistillModel.register_for_auto_class("AutoModel")
+DeiTDistillForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+
+__all__ = [
+    "DeiTDistillConfig",
+    "DeiTDistillForImageClassification",
+    "DeiTDistillImageClassifierOutput",
+    "DeiTDistillModel",
+    "DeiTDistillPreTrainedModel",
+    "build_image_processor",
+]
