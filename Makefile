@@ -1,0 +1,35 @@
+# The two front-door commands: `make demo` and `make test`. Each creates and fills .venv when it is missing.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: demo test lint bench data
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# Pinned: these install from local wheels here, and the CPU-only torch 2.13 cannot load PyPI's torchvision.
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# The embedded default dataset: Debian's dataset-fashion-mnist (needs root or sudo the first time).
+data:
+	@test -f $(FASHION_MNIST) || { \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; }
+
+demo: $(STAMP) data
+	$(VENV)/bin/deit-distill demo --output_dir runs/demo
+
+test: $(STAMP) data
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+bench: $(STAMP)
+	$(PY) bench/inference.py
+	$(PY) bench/train_step.py

@@ -1,0 +1,156 @@
+"""The teacher side of distillation: loading, class-space checks and input adaptation.
+
+The teacher is usually a convnet trained elsewhere, with its own label order, normalisation and resolution. This
+module reconciles each of those with the student before the first step, so a mismatch fails early and clearly.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoImageProcessor, AutoModelForImageClassification, PretrainedConfig
+
+logger = logging.getLogger(__name__)
+
+_GENERIC_LABEL = re.compile(r"^LABEL_\d+$")
+
+
+def load_teacher(teacher: str | nn.Module, **from_pretrained_kwargs) -> nn.Module:
+    """A frozen teacher in eval mode, from a module or a Hub/local id (`timm/...` ids through transformers)."""
+    if isinstance(teacher, str):
+        teacher = AutoModelForImageClassification.from_pretrained(teacher, **from_pretrained_kwargs)
+    if not isinstance(teacher, nn.Module):
+        raise TypeError(f"teacher must be an nn.Module or a model id/path, got {type(teacher).__name__}.")
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def load_teacher_image_processor(teacher: str | nn.Module):
+    """The teacher's image processor when it has one (a Hub/local id), else `None` (assume the student's)."""
+    name = teacher if isinstance(teacher, str) else getattr(getattr(teacher, "config", None), "_name_or_path", "")
+    if not name:
+        return None
+    try:
+        return AutoImageProcessor.from_pretrained(name)
+    except (OSError, ValueError):
+        logger.warning("No image processor found for teacher %r; assuming the student's preprocessing.", name)
+        return None
+
+
+def teacher_logits_from_output(output) -> torch.Tensor:
+    """Logits from a teacher's output: a tensor, a ModelOutput with `.logits`, or a tuple."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if getattr(output, "logits", None) is not None:
+        return output.logits
+    if isinstance(output, (tuple, list)) and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(f"Cannot read logits from a teacher output of type {type(output).__name__}.")
+
+
+def _label_names(config: PretrainedConfig | None) -> list[str] | None:
+    id2label = getattr(config, "id2label", None)
+    if not id2label:
+        return None
+    names = [str(id2label[i]) for i in sorted(int(k) for k in id2label)]
+    # transformers fills LABEL_i when no names were given; such names carry no order information.
+    return None if all(_GENERIC_LABEL.match(name) for name in names) else names
+
+
+def _describe(names: list[str] | None, count: int) -> str:
+    if names is None:
+        return f"{count} unnamed classes"
+    shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+    return f"{count} classes [{shown}]"
+
+
+def match_label_spaces(
+    student_config: PretrainedConfig, teacher_config: PretrainedConfig | None, teacher_num_labels: int
+) -> torch.Tensor | None:
+    """Index that reorders teacher logits into the student's class order, or `None` when no reorder is needed.
+
+    Raises a `ValueError` naming both label sets when the class spaces differ.
+    """
+    student_names = _label_names(student_config)
+    teacher_names = _label_names(teacher_config)
+    student_count = student_config.num_labels
+    mismatch = (
+        f"The teacher predicts {_describe(teacher_names, teacher_num_labels)} but the student has "
+        f"{_describe(student_names, student_count)}. Distillation needs the same class space: fine-tune the "
+        "teacher on this dataset first (e.g. `deit-distill train --architecture resnet ...`) or pass a teacher "
+        "trained on these labels."
+    )
+    if teacher_num_labels != student_count:
+        raise ValueError(mismatch)
+    if student_names is None or teacher_names is None or student_names == teacher_names:
+        return None
+    if sorted(student_names) != sorted(teacher_names) or len(set(teacher_names)) != len(teacher_names):
+        raise ValueError(mismatch)
+    teacher_index = {name: i for i, name in enumerate(teacher_names)}
+    logger.info("Teacher labels are in another order; teacher logits are remapped to the student's order.")
+    return torch.tensor([teacher_index[name] for name in student_names], dtype=torch.long)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model expects of its pixels: per-channel normalisation and spatial size."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    size: tuple[int, int]
+
+    @classmethod
+    def from_image_processor(cls, processor) -> InputSpec:
+        """Read mean/std and the final (cropped) size from a transformers or timm-wrapper image processor."""
+        data_config = getattr(processor, "data_config", None)
+        if data_config:  # TimmWrapperImageProcessor
+            _, height, width = data_config["input_size"]
+            return cls(tuple(data_config["mean"]), tuple(data_config["std"]), (height, width))
+        size = processor.crop_size if getattr(processor, "do_center_crop", False) else processor.size
+        size = dict(size)
+        if "height" in size:
+            hw = (size["height"], size["width"])
+        else:
+            edge = size.get("shortest_edge") or size.get("longest_edge")
+            hw = (edge, edge)
+        return cls(tuple(processor.image_mean), tuple(processor.image_std), hw)
+
+
+class TeacherInputAdapter(nn.Module):
+    """Turns a student batch into the teacher's input on the device: unnormalise, renormalise, resize.
+
+    It is the identity when both sides agree, so the common case costs nothing.
+    """
+
+    def __init__(self, student: InputSpec, teacher: InputSpec) -> None:
+        super().__init__()
+        if len(student.mean) != len(teacher.mean):
+            raise ValueError(
+                f"Student images have {len(student.mean)} channels but the teacher expects {len(teacher.mean)}."
+            )
+        # x_teacher = (x_student * std_s + mean_s - mean_t) / std_t = x_student * scale + shift
+        mean_s, std_s = torch.tensor(student.mean), torch.tensor(student.std)
+        mean_t, std_t = torch.tensor(teacher.mean), torch.tensor(teacher.std)
+        self.register_buffer("scale", (std_s / std_t).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("shift", ((mean_s - mean_t) / std_t).view(1, -1, 1, 1), persistent=False)
+        self.renormalize = not (torch.allclose(mean_s, mean_t) and torch.allclose(std_s, std_t))
+        self.size = None if teacher.size == student.size else teacher.size
+
+    @property
+    def is_identity(self) -> bool:
+        return not self.renormalize and self.size is None
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.renormalize:
+            pixel_values = pixel_values * self.scale.to(pixel_values.dtype) + self.shift.to(pixel_values.dtype)
+        if self.size is not None:
+            pixel_values = F.interpolate(
+                pixel_values, size=self.size, mode="bicubic", align_corners=False, antialias=True
+            )
+        return pixel_values
