@@ -1,0 +1,274 @@
+"""`DistillationTrainer`: the Hugging Face Trainer with a frozen teacher and the DeiT loss.
+
+The teacher is held by the trainer, not the model: it is placed on the device by accelerate without a DDP
+wrapper, runs under `no_grad` and the same autocast as the student, never reaches the optimizer and is never
+written into a checkpoint. It sees exactly the (augmented, mixed) batch the student sees.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .evaluation import build_compute_metrics
+from .losses import DistillationLoss
+from .sampler import RepeatedAugmentationSampler
+from .teacher import (
+    InputSpec,
+    TeacherInputAdapter,
+    load_teacher,
+    load_teacher_image_processor,
+    match_label_spaces,
+    teacher_logits_from_output,
+)
+
+logger = logging.getLogger(__name__)
+
+# Files without which a checkpoint cannot restore the exact training state.
+_CHECKPOINT_REQUIRED_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest `checkpoint-N` in `output_dir` that was written completely, or `None`.
+
+    A run killed while writing a checkpoint leaves a partial folder; Trainer's own lookup would pick it and fail
+    (or resume from a truncated state). Skipping it resumes from the previous, intact checkpoint instead.
+    """
+    if not os.path.isdir(output_dir):
+        return None
+    pattern = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+    steps = sorted(
+        (int(match.group(1)), name) for name in os.listdir(output_dir) if (match := pattern.match(name))
+    )
+    for _, name in reversed(steps):
+        folder = os.path.join(output_dir, name)
+        if _is_complete_checkpoint(folder):
+            return folder
+        logger.warning("Skipping incomplete checkpoint %s (interrupted while it was being written).", folder)
+    return None
+
+
+def _is_complete_checkpoint(folder: str) -> bool:
+    if not all(os.path.isfile(os.path.join(folder, name)) for name in _CHECKPOINT_REQUIRED_FILES):
+        return False
+    if not any(name.endswith((".safetensors", ".bin")) for name in os.listdir(folder)):
+        return False
+    try:
+        with open(os.path.join(folder, "trainer_state.json")) as handle:
+            json.load(handle)
+    except (OSError, json.JSONDecodeError):
+        return False
+    return True
+
+
+class DistillationTrainer(Trainer):
+    """A `transformers.Trainer` that trains a student against a frozen teacher with [`DistillationLoss`].
+
+    Args:
+        teacher: An `nn.Module`, or a Hub/local id loaded with `AutoModelForImageClassification` (including
+            `timm/...` ids). Required unless `distillation_loss.distillation_type == "none"`.
+        distillation_loss: The loss; defaults to `DistillationLoss()` (hard distillation when a teacher is
+            given, plain cross-entropy otherwise).
+        teacher_image_processor: The teacher's preprocessing, used to convert the student's batch (mean/std and
+            resolution) on the device. Read from the teacher id when not given; `None` means "same as student".
+        train_data_collator: Collator for training batches only (e.g. with Mixup/CutMix); evaluation uses
+            `data_collator`, so metrics are computed on clean labels.
+        repeated_augmentations: Repeat each sample this many times across processes (DeiT uses 3).
+        All other arguments are those of `transformers.Trainer`; `processing_class` should be the student's
+        image processor so it is saved with every checkpoint.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args=None,
+        *,
+        teacher: str | nn.Module | None = None,
+        distillation_loss: DistillationLoss | None = None,
+        teacher_image_processor: Any = None,
+        train_data_collator: Callable | None = None,
+        repeated_augmentations: int = 1,
+        compute_metrics: Callable | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if distillation_loss is None:
+            distillation_loss = DistillationLoss("hard" if teacher is not None else "none")
+        if distillation_loss.distillation_type != "none" and teacher is None:
+            raise ValueError(
+                f"distillation_type={distillation_loss.distillation_type!r} needs a teacher; pass teacher=... "
+                "(a model or a Hub/local id) or use distillation_type='none'."
+            )
+        if repeated_augmentations < 1:
+            raise ValueError(f"repeated_augmentations must be >= 1, got {repeated_augmentations}.")
+        self.distillation_loss = distillation_loss
+        self.train_data_collator = train_data_collator
+        self.repeated_augmentations = repeated_augmentations
+        super().__init__(model=model, args=args, compute_metrics=compute_metrics, **kwargs)
+        # Our loss is a per-batch mean: Trainer divides it by the accumulation steps itself.
+        self.loss_is_scaled_for_ga = False
+        self._loss_terms: dict[str, list[torch.Tensor]] = {}
+
+        self.teacher = None
+        self.teacher_input_adapter = None
+        self.teacher_label_index = None
+        if teacher is not None:
+            self._setup_teacher(teacher, teacher_image_processor)
+        if self.compute_metrics is None:
+            self.compute_metrics = build_compute_metrics(self.prediction_layout)
+
+    def _setup_teacher(self, teacher: str | nn.Module, teacher_image_processor: Any) -> None:
+        if teacher_image_processor is None:
+            teacher_image_processor = load_teacher_image_processor(teacher)
+        teacher = load_teacher(teacher)
+        student_spec = self._student_input_spec()
+        teacher_spec = (
+            InputSpec.from_image_processor(teacher_image_processor)
+            if teacher_image_processor
+            else student_spec
+        )
+        if student_spec is not None and teacher_spec is not None:
+            adapter = TeacherInputAdapter(student_spec, teacher_spec)
+            if not adapter.is_identity:
+                logger.info("Teacher input adapted on device: %s -> %s", student_spec, teacher_spec)
+                self.teacher_input_adapter = adapter.to(self.args.device)
+
+        # Fail before training, not at the first loss, when the class spaces differ.
+        num_teacher_labels = self._probe_teacher_classes(teacher, teacher_spec or student_spec)
+        index = match_label_spaces(self.model.config, getattr(teacher, "config", None), num_teacher_labels)
+        self.teacher_label_index = None if index is None else index.to(self.args.device)
+        # evaluation_mode: placed on the device, never wrapped for DDP/FSDP gradient sync.
+        self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+
+    def _student_input_spec(self) -> InputSpec | None:
+        if self.processing_class is None:
+            return None
+        return InputSpec.from_image_processor(self.processing_class)
+
+    def _probe_teacher_classes(self, teacher: nn.Module, spec: InputSpec | None) -> int:
+        num_labels = getattr(getattr(teacher, "config", None), "num_labels", None)
+        if num_labels is not None:
+            return num_labels
+        if spec is None:
+            raise ValueError(
+                "Cannot tell how many classes the teacher predicts: give it a config with num_labels or pass "
+                "processing_class (the student's image processor) so a probe batch can be built."
+            )
+        probe = torch.zeros(1, len(spec.mean), *spec.size)
+        with torch.no_grad():
+            device = next(teacher.parameters()).device
+            return teacher_logits_from_output(teacher(probe.to(device))).shape[-1]
+
+    @property
+    def prediction_layout(self) -> tuple[str, ...]:
+        """Names of the logits `prediction_step` returns, in order."""
+        layout = ["cls"]
+        if getattr(getattr(self.model, "config", None), "use_distillation_token", False):
+            layout.append("dist")
+        if self.teacher is not None:
+            layout.append("teacher")
+        return tuple(layout)
+
+    def teacher_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Teacher logits for a student batch, in the student's class order."""
+        with torch.no_grad(), self.accelerator.autocast():
+            if self.teacher_input_adapter is not None:
+                pixel_values = self.teacher_input_adapter(pixel_values)
+            logits = teacher_logits_from_output(self.teacher(pixel_values))
+        if self.teacher_label_index is not None:
+            logits = logits.index_select(-1, self.teacher_label_index)
+        return logits
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        teacher_logits = self.teacher_logits(inputs["pixel_values"]) if self.teacher is not None else None
+        terms = self.distillation_loss(outputs, labels, teacher_logits)
+        if model.training:
+            self._loss_terms.setdefault("base_loss", []).append(terms.base_loss.detach())
+            if terms.distillation_loss is not None:
+                self._loss_terms.setdefault("distillation_loss", []).append(terms.distillation_loss.detach())
+        return (terms.loss, outputs) if return_outputs else terms.loss
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, ...] | None, torch.Tensor | None]:
+        inputs = self._prepare_inputs(inputs)
+        labels = inputs.pop("labels")
+        with torch.no_grad(), self.compute_loss_context_manager():
+            outputs = model(**inputs)
+            teacher_logits = self.teacher_logits(inputs["pixel_values"]) if self.teacher is not None else None
+            loss = self.distillation_loss(outputs, labels, teacher_logits).loss.detach()
+        if prediction_loss_only:
+            return loss, None, None
+        cls_logits = getattr(outputs, "cls_logits", None)
+        logits = [outputs.logits if cls_logits is None else cls_logits]
+        if "dist" in self.prediction_layout:
+            logits.append(outputs.distillation_logits)
+        if teacher_logits is not None:
+            logits.append(teacher_logits)
+        return loss, tuple(t.float() for t in logits), labels
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # Training logs get the mean of each loss term since the last log, averaged over processes.
+        if "loss" in logs and self._loss_terms:
+            for name, values in self._loss_terms.items():
+                mean = torch.stack(values).float().mean()
+                logs[name] = round(self.accelerator.gather(mean.reshape(1)).mean().item(), 6)
+            self._loss_terms = {}
+        super().log(logs, start_time)
+
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        """Everything but the tokens, position embedding, norms and biases (the model's `no_weight_decay()`)."""
+        if hasattr(model, "no_weight_decay"):
+            no_decay = model.no_weight_decay()
+        else:
+            no_decay = {name for name, param in model.named_parameters() if param.ndim <= 1}
+        return [name for name, _ in model.named_parameters() if name not in no_decay]
+
+    def get_train_dataloader(self) -> torch.utils.data.DataLoader:
+        if self.train_data_collator is None:
+            return super().get_train_dataloader()
+        eval_collator, self.data_collator = self.data_collator, self.train_data_collator
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.data_collator = eval_collator
+
+    def _get_train_sampler(self, train_dataset=None) -> torch.utils.data.Sampler | None:
+        if self.repeated_augmentations > 1 and self.args.world_size > 1:
+            dataset = train_dataset if train_dataset is not None else self.train_dataset
+            # One global order that accelerate deals out batch by batch (see RepeatedAugmentationSampler).
+            return RepeatedAugmentationSampler(
+                dataset,
+                num_processes=self.args.world_size,
+                batch_size=self._train_batch_size,
+                num_repeats=self.repeated_augmentations,
+                seed=self.args.seed,
+            )
+        return super()._get_train_sampler(train_dataset)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                logger.warning("No complete checkpoint in %s; starting from scratch.", self.args.output_dir)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
