@@ -7,6 +7,7 @@ module reconciles each of those with the student before the first step, so a mis
 from __future__ import annotations
 
 import logging
+import os
 import re
 from dataclasses import dataclass
 
@@ -23,6 +24,8 @@ _GENERIC_LABEL = re.compile(r"^LABEL_\d+$")
 def load_teacher(teacher: str | nn.Module, **from_pretrained_kwargs) -> nn.Module:
     """A frozen teacher in eval mode, from a module or a Hub/local id (`timm/...` ids through transformers)."""
     if isinstance(teacher, str):
+        if teacher.startswith((os.sep, ".")) and not os.path.isdir(teacher):
+            raise FileNotFoundError(f"Teacher directory {teacher!r} does not exist; train or download it first.")
         teacher = AutoModelForImageClassification.from_pretrained(teacher, **from_pretrained_kwargs)
     if not isinstance(teacher, nn.Module):
         raise TypeError(f"teacher must be an nn.Module or a model id/path, got {type(teacher).__name__}.")
@@ -33,7 +36,11 @@ def load_teacher(teacher: str | nn.Module, **from_pretrained_kwargs) -> nn.Modul
 
 def load_teacher_image_processor(teacher: str | nn.Module):
     """The teacher's image processor when it has one (a Hub/local id), else `None` (assume the student's)."""
-    name = teacher if isinstance(teacher, str) else getattr(getattr(teacher, "config", None), "_name_or_path", "")
+    name = (
+        teacher
+        if isinstance(teacher, str)
+        else getattr(getattr(teacher, "config", None), "_name_or_path", "")
+    )
     if not name:
         return None
     try:
@@ -148,7 +155,9 @@ class TeacherInputAdapter(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if self.renormalize:
-            pixel_values = pixel_values * self.scale.to(pixel_values.dtype) + self.shift.to(pixel_values.dtype)
+            pixel_values = pixel_values * self.scale.to(pixel_values.dtype) + self.shift.to(
+                pixel_values.dtype
+            )
         if self.size is not None:
             pixel_values = F.interpolate(
                 pixel_values, size=self.size, mode="bicubic", align_corners=False, antialias=True

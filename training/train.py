@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import platform
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,8 +140,11 @@ def recipe_to_argv(path: str | os.PathLike) -> list[str]:
     for key, value in recipe.items():
         if key.startswith("_"):
             continue
-        values = value if isinstance(value, list) else [value]
-        argv += [f"--{key}", *(str(item) for item in values)]
+        if isinstance(value, dict):  # e.g. lr_scheduler_kwargs, parsed by TrainingArguments as JSON
+            argv += [f"--{key}", json.dumps(value)]
+        else:
+            values = value if isinstance(value, list) else [value]
+            argv += [f"--{key}", *(str(item) for item in values)]
     return argv
 
 
@@ -149,14 +153,19 @@ def _floats(text: str | None, default: tuple[float, ...]) -> tuple[float, ...]:
 
 
 def _overrides(text: str | None) -> dict[str, Any]:
+    """`"a=1,b=[2,3],c=gelu"` -> `{"a": 1, "b": [2, 3], "c": "gelu"}` (values are JSON when they parse)."""
     if not text:
         return {}
     values = {}
-    for item in text.split(","):
+    # Split only at commas that start a new `key=`, so list values keep their commas.
+    for item in re.split(r",(?=\s*\w+\s*=)", text):
         key, _, raw = item.partition("=")
         if not raw:
             raise ValueError(f"--config_overrides entries look like key=value, got {item!r}.")
-        values[key.strip()] = json.loads(raw) if raw[0] in "[{0123456789-tfn" else raw
+        try:
+            values[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            values[key.strip()] = raw.strip()
     return values
 
 
@@ -286,15 +295,16 @@ def run_training(
         processing_class=processor,
     )
 
-    metrics: dict[str, float] = {}
-    if True:
-        train_result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or None)
-        trainer.save_model()
-        trainer.save_metrics("train", train_result.metrics)
-        trainer.save_state()
-    if training_args.eval_strategy != "no" or training_args.do_eval:
-        metrics = trainer.evaluate()
-        trainer.save_metrics("eval", metrics)
+    resume = training_args.resume_from_checkpoint
+    if resume is not None and resume.lower() in ("true", "auto", "last"):
+        resume = True  # the newest complete checkpoint in output_dir
+    train_result = trainer.train(resume_from_checkpoint=resume or None)
+    trainer.save_model()
+    trainer.save_metrics("train", train_result.metrics)
+    trainer.save_state()
+    # The final evaluation is what the run reports (results table, model card), so it always runs.
+    metrics = trainer.evaluate()
+    trainer.save_metrics("eval", metrics)
 
     if trainer.is_world_process_zero():
         write_run_info(training_args.output_dir, model, dataset, data_args, distill_args, training_args)

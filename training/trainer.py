@@ -200,7 +200,7 @@ class DistillationTrainer(Trainer):
         terms = self.distillation_loss(outputs, labels, teacher_logits)
         if model.training:
             self._loss_terms.setdefault("base_loss", []).append(terms.base_loss.detach())
-            if terms.distillation_loss is not None:
+            if self.teacher is not None or "dist" in self.prediction_layout:
                 self._loss_terms.setdefault("distillation_loss", []).append(terms.distillation_loss.detach())
         return (terms.loss, outputs) if return_outputs else terms.loss
 

@@ -1,0 +1,149 @@
+"""`deit-distill convert`: turn transformers/timm/our checkpoints into a DeiTDistill (or native transformers) dir.
+
+Kept outside `modeling_deit_distill/` because it may import timm, which the shipped model code must not.
+Nothing is downloaded: timm models are built with `pretrained=False` and filled from a local `--checkpoint`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    DeiTForImageClassification,
+    DeiTForImageClassificationWithTeacher,
+    PreTrainedModel,
+    ViTForImageClassification,
+)
+
+from modeling_deit_distill import (
+    DeiTDistillForImageClassification,
+    build_image_processor,
+    from_timm,
+    from_transformers_deit,
+    to_transformers_deit,
+    to_transformers_vit,
+)
+
+_TRANSFORMERS_CLASSES = {
+    cls.__name__: cls
+    for cls in (DeiTForImageClassificationWithTeacher, DeiTForImageClassification, ViTForImageClassification)
+}
+
+
+def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
+    """Register the `convert` sub-command's arguments on `parser`."""
+    parser.add_argument(
+        "--from",
+        dest="source_format",
+        required=True,
+        choices=("transformers", "timm", "deit-distill"),
+        help="Format of --source.",
+    )
+    parser.add_argument(
+        "--source",
+        required=True,
+        help="transformers: model dir or cached Hub id; timm: model name (e.g. deit_tiny_distilled_patch16_224) "
+        "or a checkpoint file; deit-distill: a saved model dir.",
+    )
+    parser.add_argument(
+        "--output", required=True, type=Path, help="Directory for the model and image processor."
+    )
+    parser.add_argument(
+        "--to",
+        dest="target_format",
+        default="deit-distill",
+        choices=("deit-distill", "transformers"),
+        help="'transformers' writes a native DeiTForImageClassificationWithTeacher (or ViTForImageClassification "
+        "without distillation token) that loads without trust_remote_code.",
+    )
+    parser.add_argument(
+        "--checkpoint", type=Path, help="timm: local .pth/.safetensors weights for a model name."
+    )
+    parser.add_argument(
+        "--num-attention-heads", type=int, help="timm checkpoint files: heads per block (Ti/S/B: 3/6/12)."
+    )
+    parser.add_argument(
+        "--image-size", type=int, help="timm checkpoint files: input resolution, if not square."
+    )
+    parser.add_argument("--id2label", type=Path, help="JSON file mapping class index to label name.")
+    parser.add_argument(
+        "--crop-pct", type=float, default=0.875, help="Eval resize ratio of the saved processor."
+    )
+
+
+def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+    """Weights from a .safetensors or torch file; unwraps the `{"model": ...}` of official DeiT checkpoints."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict"):
+        if isinstance(checkpoint.get(key), dict):
+            return checkpoint[key]
+    return checkpoint
+
+
+def _from_timm(args: argparse.Namespace) -> DeiTDistillForImageClassification:
+    source = Path(args.source)
+    if source.is_file():
+        overrides = {"num_attention_heads": args.num_attention_heads, "image_size": args.image_size}
+        return from_timm(load_checkpoint(source), **{k: v for k, v in overrides.items() if v is not None})
+    if args.checkpoint is None:
+        raise SystemExit(
+            f"--from timm --source {args.source} needs --checkpoint FILE: weights are never downloaded."
+        )
+    import timm  # only the CLI depends on timm
+
+    state_dict = load_checkpoint(args.checkpoint)
+    num_classes = state_dict["head.weight"].shape[0] if "head.weight" in state_dict else 0
+    model = timm.create_model(args.source, pretrained=False, num_classes=num_classes)
+    model.load_state_dict(state_dict, strict=True)
+    return from_timm(model)
+
+
+def _from_transformers(source: str) -> DeiTDistillForImageClassification:
+    architectures = AutoConfig.from_pretrained(source).architectures or []
+    # AutoModelForImageClassification would load a WithTeacher checkpoint without its distillation head.
+    cls = next((_TRANSFORMERS_CLASSES[a] for a in architectures if a in _TRANSFORMERS_CLASSES), None)
+    if cls is None:
+        raise SystemExit(
+            f"{source}: architectures {architectures} are not one of {sorted(_TRANSFORMERS_CLASSES)}."
+        )
+    return from_transformers_deit(cls.from_pretrained(source))
+
+
+def _read_labels(path: Path, num_labels: int) -> dict[int, str]:
+    id2label = {int(k): v for k, v in json.loads(path.read_text()).items()}
+    if sorted(id2label) != list(range(num_labels)):
+        raise SystemExit(
+            f"{path} must name classes 0..{num_labels - 1} (the model has {num_labels} classes)."
+        )
+    return id2label
+
+
+def run_convert(args: argparse.Namespace) -> Path:
+    """Convert `--source` and save it with its image processor to `--output`; returns the output dir."""
+    if args.source_format == "timm":
+        model = _from_timm(args)
+    elif args.source_format == "transformers":
+        model = _from_transformers(args.source)
+    else:
+        model = DeiTDistillForImageClassification.from_pretrained(args.source)
+    if args.id2label is not None:
+        id2label = _read_labels(args.id2label, model.config.num_labels)
+        model.config.id2label = id2label
+        model.config.label2id = {label: index for index, label in id2label.items()}
+    output: PreTrainedModel = model
+    if args.target_format == "transformers":
+        output = (
+            to_transformers_deit(model) if model.config.use_distillation_token else to_transformers_vit(model)
+        )
+    output.save_pretrained(args.output)
+    build_image_processor(model.config, crop_pct=args.crop_pct).save_pretrained(args.output)
+    print(f"Saved {type(output).__name__} and its image processor to {args.output}")
+    return args.output
