@@ -5,14 +5,14 @@ Using the native processor class keeps `preprocessor_config.json` loadable witho
 
 from __future__ import annotations
 
-from transformers import DeiTImageProcessor
+from transformers import DeiTImageProcessor, PretrainedConfig
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
 
-from .configuration_deit_distill import DeiTDistillConfig
+from .configuration_deit_distill import _as_pair
 
 
 def build_image_processor(
-    config: DeiTDistillConfig,
+    config: PretrainedConfig,
     crop_pct: float = 0.875,
     image_mean: tuple[float, ...] = IMAGENET_DEFAULT_MEAN,
     image_std: tuple[float, ...] = IMAGENET_DEFAULT_STD,
@@ -20,15 +20,17 @@ def build_image_processor(
     """Resize to `image_size / crop_pct` and centre-crop `image_size` (the paper's eval: 256 -> 224), bicubic.
 
     `crop_pct=1.0` resizes straight to the model's resolution, which suits small images such as 28x28.
+    `config` is any config with `image_size` (and `num_channels`, default 3), e.g. a convnet teacher's.
     """
     if not 0.0 < crop_pct <= 1.0:
         raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}.")
-    if len(image_mean) != config.num_channels or len(image_std) != config.num_channels:
+    num_channels = getattr(config, "num_channels", 3)
+    if len(image_mean) != num_channels or len(image_std) != num_channels:
         raise ValueError(
-            f"image_mean/image_std need {config.num_channels} values (num_channels), got "
+            f"image_mean/image_std need {num_channels} values (num_channels), got "
             f"{len(image_mean)} and {len(image_std)}."
         )
-    height, width = config.image_hw
+    height, width = _as_pair(config.image_size)
     # size and crop_size are both set: the PIL and torchvision backends disagree on defaults otherwise.
     return DeiTImageProcessor(
         size={"height": int(height / crop_pct), "width": int(width / crop_pct)},
