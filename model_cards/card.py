@@ -1,0 +1,384 @@
+"""The model card of a training run: Hub metadata with a model-index of the measured accuracies, and a body
+describing the model, its distillation and training settings, results, curves, usage and limitations.
+
+Every number on the card is read from the run directory's files (see `model_cards.run`); a setting the run did not
+record is left out rather than guessed.
+
+Metadata choices:
+- `model-index` holds one `accuracy` result per head and k, named after the head (e.g. "DIST head top-5
+  accuracy") with `args: {top_k: k}`; values are fractions, as in `eval_results.json`. The teacher's accuracy on
+  the same split is listed too, under a name that says it is the teacher's. The index needs a dataset id, so a
+  run that did not record `data.dataset_name` gets its results in the body only.
+- A teacher given as a Hub model id becomes `base_model`; a local path or a description goes to `teacher_model`,
+  since the Hub only accepts model ids in `base_model`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .plot import has_training_curves, plot_training_curves
+from .run import PREPROCESSOR_FILE, Run, code_files, read_run
+
+CARD_FILE = "README.md"
+PLOT_FILE = "training_curves.png"
+TEMPLATE = Path(__file__).with_name("template.md")
+TAGS = ["deit", "distillation", "vision-transformer", "image-classification"]
+HEADS = {"cls": "CLS head", "dist": "DIST head", "avg": "CLS+DIST average", "teacher": "Teacher"}
+_HUB_MODEL_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+
+# Label of each recorded setting, in display order; settings not listed here follow under their own key.
+DISTILLATION_LABELS = {
+    "distillation_type": "type",
+    "alpha": "alpha (weight of the teacher term)",
+    "tau": "tau (temperature)",
+    "kl_reduction": "KL normalisation",
+    "teacher": "teacher",
+}
+DATA_LABELS = {
+    "train_split": "train split",
+    "num_train_examples": "training images",
+    "augmentation": "augmentation",
+    "mixup": "mixup alpha",
+    "cutmix": "cutmix alpha",
+    "label_smoothing": "label smoothing",
+}
+# Shown elsewhere: the dataset in its own row, the eval split with the results.
+_DATA_SHOWN_ELSEWHERE = ("dataset_name", "dataset_config", "eval_split", "num_eval_examples")
+TRAINING_LABELS = {
+    "learning_rate": "learning rate",
+    "per_device_train_batch_size": "batch size per device",
+    "gradient_accumulation_steps": "gradient accumulation steps",
+    "world_size": "processes",
+    "global_batch_size": "global batch size",
+    "num_train_epochs": "epochs",
+    "max_steps": "max steps",
+    "weight_decay": "weight decay",
+    "warmup_steps": "warmup steps",
+    "warmup_ratio": "warmup ratio",
+    "lr_scheduler_type": "learning-rate schedule",
+    "optimizer": "optimizer",
+    "seed": "seed",
+    "mixed_precision": "mixed precision",
+}
+# Soft-only settings: a hard or label-only run may record them, but they did not act.
+_SOFT_ONLY = ("tau", "kl_reduction")
+
+
+def is_hub_model_id(name: str) -> bool:
+    """`namespace/name` that is not a path on this machine (a relative path can look like an id)."""
+    return bool(_HUB_MODEL_ID.match(name)) and not os.path.exists(name)
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)  # floats print their shortest exact form, e.g. 0.0005
+
+
+def _pct(fraction: Any) -> str:
+    return f"{100 * fraction:.2f}" if isinstance(fraction, (int, float)) else "n/a"
+
+
+def _rows(
+    section: dict[str, Any], labels: dict[str, str], skip: tuple[str, ...] = ()
+) -> list[tuple[str, str]]:
+    """(label, value) of each recorded setting: the labelled ones in order, then the others under their key."""
+    recorded = {key: value for key, value in section.items() if value is not None and key not in skip}
+    known = [(label, _value(recorded[key])) for key, label in labels.items() if key in recorded]
+    return known + [(key, _value(value)) for key, value in recorded.items() if key not in labels]
+
+
+class _Facts:
+    """Everything the card states, derived once from the run."""
+
+    def __init__(self, run: Run, repo_id: str | None):
+        self.run = run
+        self.model_name = repo_id.split("/")[-1] if repo_id else run.path.resolve().name
+        self.data = run.section("data")
+        self.distillation = run.section("distillation")
+        self.dataset = self.data.get("dataset_name")
+        self.teacher = self.distillation.get("teacher")
+        self.kind = self.distillation.get("distillation_type")
+        self.metrics = run.metrics or {}
+        self.id2label = run.config.get("id2label") or {}
+        self.has_dist_token = run.config.get("use_distillation_token", True)
+        self.inference_head = run.config.get("inference_head", "average" if self.has_dist_token else "cls")
+
+    def accuracy(self, head: str, k: int) -> Any:
+        return self.metrics.get(f"eval_{head}_top{k}")
+
+    def head_label(self, head: str) -> str:
+        return f"Teacher ({self.teacher})" if head == "teacher" and self.teacher else HEADS[head]
+
+    def eval_results(self) -> list[EvalResult]:
+        if not self.dataset:
+            return []
+        return [
+            EvalResult(
+                task_type="image-classification",
+                task_name="Image Classification",
+                dataset_type=self.dataset,
+                dataset_name=self.dataset,
+                dataset_config=self.data.get("dataset_config"),
+                dataset_split=self.data.get("eval_split"),
+                metric_type="accuracy",
+                metric_value=self.accuracy(head, k),
+                metric_name=f"{self.head_label(head)} top-{k} accuracy",
+                metric_args={"top_k": k},
+            )
+            for head in HEADS
+            for k in (1, 5)
+            if isinstance(self.accuracy(head, k), (int, float))
+        ]
+
+    def dataset_text(self) -> str:
+        config = self.data.get("dataset_config")
+        return f"`{self.dataset}`" + (f" (config `{config}`)" if config else "")
+
+    def evaluated_on(self) -> str:
+        split, size = self.data.get("eval_split"), self.data.get("num_eval_examples")
+        text = f"the `{split}` split of " if split else ""
+        text += self.dataset_text() if self.dataset else "the run's evaluation data"
+        return text + (f", {_value(size)} images" if size else "")
+
+    def summary(self) -> str:
+        variant = self.run.section("model").get("variant")
+        token = (
+            "with a distillation token"
+            if self.has_dist_token
+            else "without a distillation token (a plain ViT)"
+        )
+        teacher = f" from `{self.teacher}`" if self.teacher else ""
+        how = {
+            "hard": f" with hard distillation{teacher}",
+            "soft": f" with soft distillation{teacher}",
+            "none": " without distillation",
+        }.get(self.kind, "")
+        where = f" on `{self.dataset}`" if self.dataset else ""
+        text = f"A DeiT{'-' + str(variant) if variant else ''} image classifier {token}"
+        text += f", trained{how}{where}." if how or where else "."
+        if self.kind not in ("hard", "soft", "none"):
+            text += " The run did not record its distillation settings."
+        if self.id2label:
+            text += f" It predicts {len(self.id2label)} classes."
+        outputs = {
+            "average": "the average of the CLS and DIST heads, the paper's class + distillation row",
+            "cls": "the CLS head's",
+            "distillation": "the DIST head's",
+        }
+        head = self.inference_head
+        return text + f" Its `logits` (config `inference_head: {head}`) are {outputs.get(head, head)}."
+
+    def architecture(self) -> list[tuple[str, str]]:
+        config, model = self.run.config, self.run.section("model")
+        rows = [("variant", model["variant"])] if "variant" in model else []
+        rows += [("model class", f"`{model['architecture']}`")] if "architecture" in model else []
+        rows += [
+            (label, _value(config[key]))
+            for key, label in (
+                ("image_size", "image size"),
+                ("patch_size", "patch size"),
+                ("hidden_size", "width"),
+                ("num_hidden_layers", "depth"),
+                ("num_attention_heads", "attention heads"),
+                ("intermediate_size", "MLP width"),
+                ("use_distillation_token", "distillation token"),
+                ("inference_head", "inference head"),
+            )
+            if key in config
+        ]
+        if self.id2label:
+            rows.append(("classes", _value(len(self.id2label))))
+        if "num_parameters" in model:
+            rows.append(("parameters", _value(model["num_parameters"])))
+        return rows
+
+    def distillation_rows(self) -> list[tuple[str, str]]:
+        rows = _rows(self.distillation, DISTILLATION_LABELS, skip=() if self.kind == "soft" else _SOFT_ONLY)
+        if self.kind == "none":
+            rows = [row for row in rows if row[0] in ("type", "teacher")]
+        for k in (1, 5):
+            if isinstance(self.accuracy("teacher", k), (int, float)):
+                rows.append((f"teacher top-{k} on the eval split (%)", _pct(self.accuracy("teacher", k))))
+        return rows
+
+    def training_rows(self) -> list[tuple[str, str]]:
+        rows = [("dataset", self.dataset_text())] if self.dataset else []
+        rows += _rows(self.data, DATA_LABELS, skip=_DATA_SHOWN_ELSEWHERE)
+        training = dict(self.run.section("training"))
+        if isinstance(training.get("max_steps"), int) and training["max_steps"] <= 0:
+            del training["max_steps"]  # Trainer's "not set": the epochs decide
+        rows += _rows(training, TRAINING_LABELS)
+        if self.run.info.get("hardware"):
+            rows.append(("hardware", str(self.run.info["hardware"])))
+        return rows
+
+    def results(self) -> list[tuple[str, str, str]]:
+        return [
+            (self.head_label(head), _pct(self.accuracy(head, 1)), _pct(self.accuracy(head, 5)))
+            for head in HEADS
+            if self.accuracy(head, 1) is not None or self.accuracy(head, 5) is not None
+        ]
+
+    def result_notes(self) -> list[str]:
+        notes = []
+        if isinstance(self.metrics.get("eval_agreement"), (int, float)):
+            agreement = _pct(self.metrics["eval_agreement"])
+            notes.append(
+                f"The student's top-1 prediction matches the teacher's on {agreement}% of the images."
+            )
+        if isinstance(self.metrics.get("eval_loss"), (int, float)):
+            notes.append(f"Eval loss: {self.metrics['eval_loss']}.")
+        if self.results() and not self.dataset:
+            notes.append(
+                "The run did not record its dataset, so these results are not in the card's `model-index`."
+            )
+        return notes
+
+    def limitations(self) -> list[str]:
+        seed = self.run.section("training").get("seed")
+        run = f"a single run (seed {seed})" if seed is not None else "a single run"
+        lines = [
+            f"The results come from {run} on {self.evaluated_on()}; they are not ImageNet numbers and do not "
+            "compare with the paper's tables."
+            if self.results()
+            else "The model was not evaluated; measure it on your own data before relying on it."
+        ]
+        if self.id2label:
+            lines.append(
+                f"It only knows the {len(self.id2label)} training classes; another label set needs a new head and "
+                "fine-tuning."
+            )
+        if self.kind in ("hard", "soft"):
+            lines.append(
+                "The DIST head learned to imitate the teacher, so it inherits the teacher's mistakes and biases."
+            )
+        lines.append(
+            f"Inputs must be preprocessed as `{PREPROCESSOR_FILE}` says (resize, centre crop, normalisation); "
+            "another resolution needs the position embedding interpolated."
+        )
+        lines.append(
+            "transformers' `DeiTForImageClassificationWithTeacher` is inference-only: training or fine-tuning with a "
+            "teacher needs this project's code."
+        )
+        return lines
+
+
+def generate_model_card(
+    run_dir: str | Path,
+    *,
+    repo_id: str | None = None,
+    revision: str | None = None,
+    native_repo_id: str | None = None,
+    native_revision: str | None = None,
+) -> ModelCard:
+    """The card of a run. `repo_id`/`revision` are where the model is (or will be) pushed and go into the usage
+    snippets; a native (no remote code) copy is described when `native_repo_id` or `native_revision` is given
+    (`native_repo_id` defaults to `repo_id`, `native_revision` to the main branch)."""
+    run = read_run(run_dir)
+    facts = _Facts(run, repo_id)
+    teacher_is_id = bool(facts.teacher) and is_hub_model_id(facts.teacher)
+    eval_results = facts.eval_results()
+    card_data = ModelCardData(
+        license=run.info.get("license") or "apache-2.0",
+        library_name="transformers",
+        pipeline_tag="image-classification",
+        tags=TAGS,
+        datasets=[facts.dataset] if facts.dataset else None,
+        base_model=facts.teacher if teacher_is_id else None,
+        metrics=["accuracy"] if eval_results else None,
+        model_name=facts.model_name if eval_results else None,  # the model-index's name; alone it is noise
+        eval_results=eval_results or None,
+        teacher_model=facts.teacher if facts.teacher and not teacher_is_id else None,
+    )
+    repo = repo_id or f"<your-namespace>/{facts.model_name}"
+    native_repo = (native_repo_id or repo) if (native_repo_id or native_revision) else None
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(TEMPLATE),
+        title=facts.model_name,
+        summary=facts.summary(),
+        architecture=facts.architecture(),
+        distillation=facts.distillation_rows(),
+        training=facts.training_rows(),
+        results=facts.results(),
+        results_on=f"on {facts.evaluated_on()}",
+        result_notes=facts.result_notes(),
+        plot_file=PLOT_FILE if has_training_curves(run.log_history) else None,
+        code_files=code_files(run),
+        repo_id=repo,
+        revision_arg=_revision_arg(revision),
+        native_repo_id=native_repo,
+        native_revision_arg=_revision_arg(native_revision),
+        native_where=f"`{native_repo}`" + (f" (branch `{native_revision}`)" if native_revision else ""),
+        native_class=native_model_class(run.config),
+        inference_head=facts.inference_head,
+        limitations=facts.limitations(),
+    )
+
+
+def native_model_class(config: dict[str, Any]) -> str:
+    """The transformers class of the no-remote-code copy: DeiT with teacher head, or ViT without the DIST token."""
+    return (
+        "DeiTForImageClassificationWithTeacher"
+        if config.get("use_distillation_token", True)
+        else "ViTForImageClassification"
+    )
+
+
+def _revision_arg(revision: str | None) -> str:
+    return f', revision="{revision}"' if revision and revision != "main" else ""
+
+
+def render_card_files(
+    run_dir: str | Path,
+    *,
+    repo_id: str | None = None,
+    revision: str | None = None,
+    native_repo_id: str | None = None,
+    native_revision: str | None = None,
+) -> dict[str, bytes]:
+    """`README.md` and, when the run logged anything, `training_curves.png`, as bytes; nothing is written.
+    The arguments are those of `generate_model_card`."""
+    card = generate_model_card(
+        run_dir,
+        repo_id=repo_id,
+        revision=revision,
+        native_repo_id=native_repo_id,
+        native_revision=native_revision,
+    )
+    files = {CARD_FILE: str(card).encode("utf-8")}
+    plot = plot_training_curves(read_run(run_dir).log_history)
+    if plot is not None:
+        files[PLOT_FILE] = plot
+    return files
+
+
+def write_model_card(
+    run_dir: str | Path,
+    *,
+    repo_id: str | None = None,
+    revision: str | None = None,
+    native_repo_id: str | None = None,
+    native_revision: str | None = None,
+) -> Path:
+    """Write `README.md` and the training-curve plot into the run directory; returns the card's path.
+    The arguments are those of `generate_model_card`."""
+    files = render_card_files(
+        run_dir,
+        repo_id=repo_id,
+        revision=revision,
+        native_repo_id=native_repo_id,
+        native_revision=native_revision,
+    )
+    for name, content in files.items():
+        (Path(run_dir) / name).write_bytes(content)
+    return Path(run_dir) / CARD_FILE
