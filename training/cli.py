@@ -23,7 +23,7 @@ def _train(argv: list[str]) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from training.evaluation import evaluate_model
+    from training.eval_model import evaluate_model
 
     metrics = evaluate_model(
         args.model,

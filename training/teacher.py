@@ -25,7 +25,9 @@ def load_teacher(teacher: str | nn.Module, **from_pretrained_kwargs) -> nn.Modul
     """A frozen teacher in eval mode, from a module or a Hub/local id (`timm/...` ids through transformers)."""
     if isinstance(teacher, str):
         if teacher.startswith((os.sep, ".")) and not os.path.isdir(teacher):
-            raise FileNotFoundError(f"Teacher directory {teacher!r} does not exist; train or download it first.")
+            raise FileNotFoundError(
+                f"Teacher directory {teacher!r} does not exist; train or download it first."
+            )
         teacher = AutoModelForImageClassification.from_pretrained(teacher, **from_pretrained_kwargs)
     if not isinstance(teacher, nn.Module):
         raise TypeError(f"teacher must be an nn.Module or a model id/path, got {type(teacher).__name__}.")

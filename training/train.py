@@ -34,16 +34,16 @@ from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 if __package__ in (None, ""):  # `python training/train.py` and `accelerate launch training/train.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from modeling_deit_distill import (  # noqa: E402
+from modeling_deit_distill import (
     DeiTDistillConfig,
     DeiTDistillForImageClassification,
     build_image_processor,
 )
-from training.collator import DistillationCollator  # noqa: E402
-from training.data import load_image_dataset, scan_images  # noqa: E402
-from training.losses import DistillationLoss  # noqa: E402
-from training.trainer import DistillationTrainer  # noqa: E402
-from training.transforms import build_eval_transform, build_train_transform, with_image_transform  # noqa: E402
+from training.collator import DistillationCollator
+from training.data import load_image_dataset, scan_images
+from training.losses import DistillationLoss
+from training.trainer import DistillationTrainer
+from training.transforms import build_eval_transform, build_train_transform, with_image_transform
 
 logger = logging.getLogger(__name__)
 
@@ -261,7 +261,9 @@ def run_training(
         image_mean=_floats(model_args.image_mean, IMAGENET_DEFAULT_MEAN),
         image_std=_floats(model_args.image_std, IMAGENET_DEFAULT_STD),
     )
-    train_dataset = with_image_transform(dataset["train"], build_train_transform(processor, data_args.augmentation))
+    train_dataset = with_image_transform(
+        dataset["train"], build_train_transform(processor, data_args.augmentation)
+    )
     eval_dataset = with_image_transform(dataset["validation"], build_eval_transform(processor))
 
     if distill_args.scale_lr:
@@ -378,7 +380,9 @@ def write_run_info(
             "max_steps": training_args.max_steps,
             "weight_decay": training_args.weight_decay,
             "warmup_steps": training_args.warmup_steps,
-            "lr_scheduler_type": getattr(training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type),
+            "lr_scheduler_type": getattr(
+                training_args.lr_scheduler_type, "value", training_args.lr_scheduler_type
+            ),
             "optimizer": getattr(training_args.optim, "value", training_args.optim),
             "seed": training_args.seed,
             "mixed_precision": "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32",
