@@ -11,6 +11,7 @@ transformers, and its sibling configuration file through a flat relative import.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -26,6 +27,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import ModelOutput
 
 from .configuration_deit_distill import DeiTDistillConfig
+from .image_processing import build_image_processor
 
 
 @dataclass
@@ -282,6 +284,17 @@ class DeiTDistillPreTrainedModel(PreTrainedModel):
             for name, param in self.named_parameters()
             if param.ndim <= 1 or name.rsplit(".", 1)[-1] in special
         }
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        """`PreTrainedModel.save_pretrained`, plus the DeiT image-processor config when the directory has none.
+
+        The pipeline needs preprocessing next to the weights. A processor saved by the caller (the Trainer saves
+        its `processing_class` right after the model) replaces this default.
+        """
+        super().save_pretrained(save_directory, *args, **kwargs)
+        processor_file = os.path.join(save_directory, "preprocessor_config.json")
+        if kwargs.get("is_main_process", True) and not os.path.exists(processor_file):
+            build_image_processor(self.config).save_pretrained(save_directory)
 
     def set_input_size(self, image_size: int | tuple[int, int]) -> None:
         """Change the input resolution in place (e.g. 224 -> 384 for fine-tuning).

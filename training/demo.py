@@ -9,6 +9,9 @@
 6. prints a results table (also written to RESULTS.md in the output directory).
 
     deit-distill demo [--output_dir runs/demo] [--train_samples N] [--student_epochs E] ...
+
+The runs are the recipes `training/recipes/fashion_mnist_teacher_cpu.json` and `fashion_mnist_cpu.json`, so the
+demo's numbers can be reproduced with `deit-distill train RECIPE`.
 """
 
 from __future__ import annotations
@@ -19,124 +22,72 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import HfArgumentParser, TrainingArguments, pipeline
+from transformers import HfArgumentParser, pipeline
 
 from training.data import load_image_dataset
-from training.train import DataArguments, DistillationArguments, ModelArguments, run_training
+from training.train import parse_args, run_training
 
-# Fashion-MNIST's own pixel statistics (greyscale replicated to RGB).
-FASHION_MNIST_MEAN = "0.286,0.286,0.286"
-FASHION_MNIST_STD = "0.353,0.353,0.353"
+RECIPES = Path(__file__).resolve().parent / "recipes"
+TEACHER_RECIPE = RECIPES / "fashion_mnist_teacher_cpu.json"
+STUDENT_RECIPE = RECIPES / "fashion_mnist_cpu.json"
 
 
 @dataclass
 class DemoArguments:
     output_dir: str = field(default="runs/demo")
-    train_samples: int = field(
-        default=5000, metadata={"help": "Labelled training images (data-limited regime)."}
+    train_samples: int | None = field(
+        default=None, metadata={"help": "Labelled training images (recipe: 5000)."}
     )
-    eval_samples: int = field(
-        default=5000, metadata={"help": "Held-out test images used for every table row."}
-    )
-    teacher_epochs: int = field(default=15)
-    student_epochs: int = field(default=25)
-    batch_size: int = field(default=128)
-    student_config: str = field(
-        default="image_size=28,patch_size=7,hidden_size=96,num_hidden_layers=4,num_attention_heads=3",
-        metadata={"help": "DeiT student fields (config_overrides syntax)."},
-    )
-    teacher_config: str = field(
-        default="embedding_size=24,hidden_sizes=[32,64,128],depths=[1,1,1],downsample_in_first_stage=false",
-        metadata={"help": "ResNet teacher fields (config_overrides syntax)."},
-    )
+    eval_samples: int | None = field(default=None, metadata={"help": "Held-out test images (recipe: 5000)."})
+    teacher_epochs: int | None = field(default=None, metadata={"help": "Recipe: 15."})
+    student_epochs: int | None = field(default=None, metadata={"help": "Recipe: 25."})
     seed: int = field(default=0)
     num_predict_images: int = field(default=4)
 
 
-def _training_args(demo: DemoArguments, name: str, epochs: int, learning_rate: float, weight_decay: float):
-    return TrainingArguments(
-        output_dir=str(Path(demo.output_dir) / name),
-        num_train_epochs=epochs,
-        per_device_train_batch_size=demo.batch_size,
-        per_device_eval_batch_size=500,
-        learning_rate=learning_rate,
-        weight_decay=weight_decay,
-        lr_scheduler_type="cosine",
-        warmup_steps=0.1,
-        eval_strategy="no",
-        save_strategy="no",
-        logging_steps=20,
-        report_to="none",
-        seed=demo.seed,
-        use_cpu=True,
-        dataloader_num_workers=0,
-    )
-
-
-def _data_args(demo: DemoArguments, mix: bool) -> DataArguments:
-    """Light crops and flips for everyone; the students add DeiT's Mixup/CutMix, the convnet teacher does not."""
-    return DataArguments(
-        dataset_name="fashion_mnist",
-        max_train_samples=demo.train_samples,
-        max_eval_samples=demo.eval_samples,
-        augmentation="light",
-        mixup=0.8 if mix else 0.0,
-        cutmix=1.0 if mix else 0.0,
-        label_smoothing=0.1,
-    )
-
-
-def _model_args(architecture: str, overrides: str) -> ModelArguments:
-    return ModelArguments(
-        architecture=architecture,
-        config_overrides=overrides,
-        image_size=28,
-        crop_pct=1.0,
-        image_mean=FASHION_MNIST_MEAN,
-        image_std=FASHION_MNIST_STD,
-        drop_path_rate=0.1,
-    )
+def _flags(demo: DemoArguments, name: str, epochs: int | None) -> list[str]:
+    flags = ["--output_dir", str(Path(demo.output_dir) / name), "--seed", str(demo.seed)]
+    for flag, value in (
+        ("--max_train_samples", demo.train_samples),
+        ("--max_eval_samples", demo.eval_samples),
+        ("--num_train_epochs", epochs),
+    ):
+        if value is not None:
+            flags += [flag, str(value)]
+    return flags
 
 
 def run_demo(demo: DemoArguments) -> list[dict]:
+    """The three runs of the Fashion-MNIST recipes, then the pipeline; returns one row of metrics per run."""
     output = Path(demo.output_dir)
+    teacher_dir = output / "teacher"
+    runs = [
+        ("teacher", [str(TEACHER_RECIPE), *_flags(demo, "teacher", demo.teacher_epochs)]),
+        (
+            "student_distilled",
+            [
+                str(STUDENT_RECIPE),
+                *_flags(demo, "student_distilled", demo.student_epochs),
+                "--teacher",
+                str(teacher_dir),
+            ],
+        ),
+        (
+            "student_baseline",
+            [
+                str(STUDENT_RECIPE),
+                *_flags(demo, "student_baseline", demo.student_epochs),
+                "--distillation_type",
+                "none",
+            ],
+        ),
+    ]
     rows = []
-
-    def train(name: str, model_args, distill_args, epochs: int, learning_rate: float, weight_decay: float):
-        print(f"\n=== {name} ===", flush=True)
+    for name, argv in runs:
+        print(f"\n=== {name}: deit-distill train {' '.join(argv)} ===", flush=True)
         start = time.perf_counter()
-        data_args = _data_args(demo, mix=model_args.architecture == "deit_distill")
-        training_args = _training_args(demo, name, epochs, learning_rate, weight_decay)
-        metrics = run_training(model_args, data_args, distill_args, training_args)
-        metrics["wall_time_s"] = time.perf_counter() - start
-        rows.append({"name": name, **metrics})
-        return metrics
-
-    train(
-        "teacher",
-        _model_args("resnet", demo.teacher_config),
-        DistillationArguments(distillation_type="none"),
-        demo.teacher_epochs,
-        3e-3,
-        5e-4,
-    )
-    student = _model_args("deit_distill", demo.student_config)
-    train(
-        "student_distilled",
-        student,
-        DistillationArguments(teacher=str(output / "teacher"), distillation_type="hard", alpha=0.5),
-        demo.student_epochs,
-        2e-3,
-        0.05,
-    )
-    train(
-        "student_baseline",
-        student,
-        DistillationArguments(distillation_type="none"),
-        demo.student_epochs,
-        2e-3,
-        0.05,
-    )
+        metrics = run_training(*parse_args(argv))
+        rows.append({"name": name, **metrics, "wall_time_s": time.perf_counter() - start})
     predictions = predict_samples(output / "student_distilled", demo)
     write_results(output, rows, predictions)
     return rows
