@@ -201,15 +201,15 @@ def build_model(model_args: ModelArguments, id2label: dict[int, str]) -> torch.n
         if model_args.image_size and model_args.image_size != model.config.image_hw[0]:
             model.set_input_size(model_args.image_size)
         return model
-    config = DeiTDistillConfig.from_variant(
-        model_args.variant,
-        drop_path_rate=model_args.drop_path_rate,
-        use_distillation_token=model_args.use_distillation_token,
-        inference_head="average" if model_args.use_distillation_token else "cls",
+    fields = {
+        "drop_path_rate": model_args.drop_path_rate,
+        "use_distillation_token": model_args.use_distillation_token,
+        "inference_head": "average" if model_args.use_distillation_token else "cls",
         **({"image_size": model_args.image_size} if model_args.image_size else {}),
         **overrides,
         **label_kwargs,
-    )
+    }
+    config = DeiTDistillConfig.from_variant(model_args.variant, **fields)
     return DeiTDistillForImageClassification._from_config(
         config, attn_implementation=model_args.attn_implementation
     )
@@ -233,6 +233,12 @@ def run_training(
 ) -> dict[str, float]:
     """Train, evaluate, save the model with its processor, run info and card; returns the final eval metrics."""
     transformers.set_seed(training_args.seed)
+    logger.info(
+        "Process %d of world_size=%d on %s",
+        training_args.process_index,
+        training_args.world_size,
+        training_args.device,
+    )
     training_args.remove_unused_columns = False  # the image column is consumed by our transform
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False  # we push the finished run
 
