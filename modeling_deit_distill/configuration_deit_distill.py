@@ -80,7 +80,9 @@ class DeiTDistillConfig(PretrainedConfig):
         self.num_hidden_layers = num_hidden_layers
         self.num_attention_heads = num_attention_heads
         self.mlp_ratio = mlp_ratio
-        self.intermediate_size = intermediate_size if intermediate_size is not None else int(hidden_size * mlp_ratio)
+        self.intermediate_size = (
+            intermediate_size if intermediate_size is not None else int(hidden_size * mlp_ratio)
+        )
         self.hidden_act = hidden_act
         self.qkv_bias = qkv_bias
         self.layer_norm_eps = layer_norm_eps
@@ -125,7 +127,9 @@ class DeiTDistillConfig(PretrainedConfig):
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"DeiTDistillConfig.{name} must be in [0, 1), got {value!r}.")
         if self.intermediate_size <= 0:
-            raise ValueError(f"DeiTDistillConfig.intermediate_size must be positive, got {self.intermediate_size}.")
+            raise ValueError(
+                f"DeiTDistillConfig.intermediate_size must be positive, got {self.intermediate_size}."
+            )
 
     @property
     def image_hw(self) -> tuple[int, int]:
