@@ -7,6 +7,13 @@ code next to the weights so a saved directory or Hub repo loads with `trust_remo
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
 from .configuration_deit_distill import DeiTDistillConfig
+from .convert_deit_distill import (
+    from_timm,
+    from_transformers_deit,
+    from_transformers_state_dict,
+    to_transformers_deit,
+    to_transformers_vit,
+)
 from .image_processing import build_image_processor
 from .modeling_deit_distill import (
     DeiTDistillForImageClassification,
@@ -31,4 +38,9 @@ __all__ = [
     "DeiTDistillModel",
     "DeiTDistillPreTrainedModel",
     "build_image_processor",
+    "from_timm",
+    "from_transformers_deit",
+    "from_transformers_state_dict",
+    "to_transformers_deit",
+    "to_transformers_vit",
 ]

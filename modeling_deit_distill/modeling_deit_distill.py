@@ -231,10 +231,13 @@ class DeiTDistillLayer(GradientCheckpointingLayer):
     def forward(
         self, hidden_states: torch.Tensor, output_attentions: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attn_output, attn_weights = self.attention(self.layernorm_before(hidden_states), output_attentions)
-        hidden_states = hidden_states + self.drop_path(self.dropout(attn_output))
-        mlp_output = self.mlp(self.layernorm_after(hidden_states))
-        hidden_states = hidden_states + self.drop_path(self.dropout(mlp_output))
+        # Each branch output is consumed by its residual add at once, so no block-sized tensor outlives its use.
+        residual = hidden_states
+        hidden_states, attn_weights = self.attention(self.layernorm_before(hidden_states), output_attentions)
+        hidden_states = residual + self.drop_path(self.dropout(hidden_states))
+        residual = hidden_states
+        hidden_states = self.mlp(self.layernorm_after(hidden_states))
+        hidden_states = residual + self.drop_path(self.dropout(hidden_states))
         return hidden_states, attn_weights
 
 

@@ -67,7 +67,11 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
         "--num-attention-heads", type=int, help="timm checkpoint files: heads per block (Ti/S/B: 3/6/12)."
     )
     parser.add_argument(
-        "--image-size", type=int, help="timm checkpoint files: input resolution, if not square."
+        "--image-size",
+        nargs=2,
+        type=int,
+        metavar=("HEIGHT", "WIDTH"),
+        help="timm checkpoint files whose position embedding is not a square grid: the input resolution.",
     )
     parser.add_argument("--id2label", type=Path, help="JSON file mapping class index to label name.")
     parser.add_argument(

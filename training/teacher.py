@@ -28,7 +28,16 @@ def load_teacher(teacher: str | nn.Module, **from_pretrained_kwargs) -> nn.Modul
             raise FileNotFoundError(
                 f"Teacher directory {teacher!r} does not exist; train or download it first."
             )
-        teacher = AutoModelForImageClassification.from_pretrained(teacher, **from_pretrained_kwargs)
+        try:
+            teacher = AutoModelForImageClassification.from_pretrained(teacher, **from_pretrained_kwargs)
+        except OSError as error:
+            if os.path.isdir(teacher):
+                raise
+            # A relative path such as "runs/teacher" is also a well-formed Hub id, so it reaches the Hub.
+            raise FileNotFoundError(
+                f"Teacher {teacher!r} is neither a local directory nor a model loadable from the Hub ({error}). "
+                "Train or download it first, or check the path or id."
+            ) from error
     if not isinstance(teacher, nn.Module):
         raise TypeError(f"teacher must be an nn.Module or a model id/path, got {type(teacher).__name__}.")
     teacher.eval()

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import Trainer
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .evaluation import build_compute_metrics
@@ -60,7 +61,10 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
 def _is_complete_checkpoint(folder: str) -> bool:
     if not all(os.path.isfile(os.path.join(folder, name)) for name in _CHECKPOINT_REQUIRED_FILES):
         return False
-    if not any(name.endswith((".safetensors", ".bin")) for name in os.listdir(folder)):
+    # training_args.bin is not a weights file, and every checkpoint has one.
+    if not any(
+        name.endswith((".safetensors", ".bin")) and name != TRAINING_ARGS_NAME for name in os.listdir(folder)
+    ):
         return False
     try:
         with open(os.path.join(folder, "trainer_state.json")) as handle:
