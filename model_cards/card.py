@@ -163,7 +163,11 @@ class _Facts:
             "none": " without distillation",
         }.get(self.kind, "")
         where = f" on `{self.dataset}`" if self.dataset else ""
-        text = f"A DeiT{'-' + str(variant) if variant else ''} image classifier {token}"
+        model_type = self.run.config.get("model_type", "deit_distill")
+        if model_type == "deit_distill":
+            text = f"A DeiT{'-' + str(variant) if variant else ''} image classifier {token}"
+        else:  # e.g. a convnet teacher trained with the same entry point
+            text = f"A `{model_type}` image classifier"
         text += f", trained{how}{where}." if how or where else "."
         if self.kind not in ("hard", "soft", "none"):
             text += " The run did not record its distillation settings."
@@ -174,6 +178,8 @@ class _Facts:
             "cls": "the CLS head's",
             "distillation": "the DIST head's",
         }
+        if model_type != "deit_distill":
+            return text
         head = self.inference_head
         return text + f" Its `logits` (config `inference_head: {head}`) are {outputs.get(head, head)}."
 

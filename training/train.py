@@ -165,6 +165,10 @@ def _overrides(text: str | None) -> dict[str, Any]:
         try:
             values[key.strip()] = json.loads(raw)
         except json.JSONDecodeError:
+            if "," in raw:
+                raise ValueError(
+                    f"--config_overrides: cannot parse {item!r}; separate entries as key=value,key=value."
+                ) from None
             values[key.strip()] = raw.strip()
     return values
 

@@ -117,9 +117,13 @@ class DistillationTrainer(Trainer):
         self.train_data_collator = train_data_collator
         self.repeated_augmentations = repeated_augmentations
         super().__init__(model=model, args=args, compute_metrics=compute_metrics, **kwargs)
-        # Our loss is a per-batch mean: Trainer divides it by the accumulation steps itself.
+        # Our loss is a per-batch mean: Trainer divides it by the accumulation steps itself, and needs no
+        # token count (which would cost an all-gather per step under DDP).
         self.loss_is_scaled_for_ga = False
-        self._loss_terms: dict[str, list[torch.Tensor]] = {}
+        self.model_accepts_loss_kwargs = False
+        # Running sums (and a count) of each loss term since the last log.
+        self._loss_terms: dict[str, torch.Tensor] = {}
+        self._loss_term_steps = 0
 
         self.teacher = None
         self.teacher_input_adapter = None
@@ -203,9 +207,7 @@ class DistillationTrainer(Trainer):
         teacher_logits = self.teacher_logits(inputs["pixel_values"]) if self.teacher is not None else None
         terms = self.distillation_loss(outputs, labels, teacher_logits)
         if model.training:
-            self._loss_terms.setdefault("base_loss", []).append(terms.base_loss.detach())
-            if self.teacher is not None or "dist" in self.prediction_layout:
-                self._loss_terms.setdefault("distillation_loss", []).append(terms.distillation_loss.detach())
+            self._accumulate_loss_terms(terms)
         return (terms.loss, outputs) if return_outputs else terms.loss
 
     def prediction_step(
@@ -231,13 +233,22 @@ class DistillationTrainer(Trainer):
             logits.append(teacher_logits)
         return loss, tuple(t.float() for t in logits), labels
 
+    def _accumulate_loss_terms(self, terms) -> None:
+        values = {"base_loss": terms.base_loss}
+        if self.teacher is not None or "dist" in self.prediction_layout:
+            values["distillation_loss"] = terms.distillation_loss
+        for name, value in values.items():
+            value = value.detach().float()
+            self._loss_terms[name] = self._loss_terms[name] + value if name in self._loss_terms else value
+        self._loss_term_steps += 1
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Training logs get the mean of each loss term since the last log, averaged over processes.
-        if "loss" in logs and self._loss_terms:
-            for name, values in self._loss_terms.items():
-                mean = torch.stack(values).float().mean()
-                logs[name] = round(self.accelerator.gather(mean.reshape(1)).mean().item(), 6)
-            self._loss_terms = {}
+        if "loss" in logs and self._loss_term_steps:
+            for name, total in self._loss_terms.items():
+                mean = (total / self._loss_term_steps).reshape(1)
+                logs[name] = round(self.accelerator.gather(mean).mean().item(), 6)
+            self._loss_terms, self._loss_term_steps = {}, 0
         super().log(logs, start_time)
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
