@@ -25,6 +25,7 @@ MODEL_FILES = {
     "model.safetensors",
     "configuration_deit_distill.py",
     "modeling_deit_distill.py",
+    "image_processing.py",  # a relative import of the modeling file
     "preprocessor_config.json",
 }
 CARD_FILES = {"README.md", "training_curves.png"}
