@@ -36,11 +36,11 @@ STUDENT_RECIPE = RECIPES / "fashion_mnist_cpu.json"
 class DemoArguments:
     output_dir: str = field(default="runs/demo")
     train_samples: int | None = field(
-        default=None, metadata={"help": "Labelled training images (recipe: 5000)."}
+        default=None, metadata={"help": "Labelled training images (recipe: 2000)."}
     )
     eval_samples: int | None = field(default=None, metadata={"help": "Held-out test images (recipe: 5000)."})
-    teacher_epochs: int | None = field(default=None, metadata={"help": "Recipe: 15."})
-    student_epochs: int | None = field(default=None, metadata={"help": "Recipe: 25."})
+    teacher_epochs: int | None = field(default=None, metadata={"help": "Recipe: 40."})
+    student_epochs: int | None = field(default=None, metadata={"help": "Recipe: 60."})
     seed: int = field(default=0)
     num_predict_images: int = field(default=4)
 
