@@ -107,6 +107,14 @@ class DataArguments:
     on_corrupt_image: str = field(
         default="raise", metadata={"help": "raise, or skip (and count) bad images."}
     )
+    verify_images: bool = field(
+        default=True,
+        metadata={
+            "help": "Decode every image once before training, so a bad file fails (or is skipped) before the "
+            "first step. Turn off for very large datasets: a bad image then raises an error naming its file "
+            "when it is read. Skipping needs verification."
+        },
+    )
 
 
 @dataclass
@@ -257,7 +265,11 @@ def run_training(
         eval_subset=data_args.max_eval_samples,
         seed=training_args.seed,
     )
-    for split in dataset:
+    if not data_args.verify_images and data_args.on_corrupt_image == "skip":
+        raise ValueError(
+            "--on_corrupt_image skip needs --verify_images true (bad images are found by the scan)."
+        )
+    for split in dataset if data_args.verify_images else ():
         dataset[split], skipped = scan_images(dataset[split], on_error=data_args.on_corrupt_image)
         if skipped:
             logger.warning("Skipped %d undecodable images in the %s split.", skipped, split)
