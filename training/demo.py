@@ -1,8 +1,8 @@
 """The end-to-end demo on the embedded Fashion-MNIST, sized for a 2-core CPU.
 
 1. trains a small convnet teacher (a transformers ResNet);
-2. distils a DeiT student (CLS + DIST tokens, hard distillation) and, as a baseline, trains the same student
-   without a teacher on the same data, epochs and seed;
+2. distils a DeiT student (CLS + DIST tokens, hard distillation, the paper's data recipe) and, as a baseline,
+   trains the same student without a teacher on the same data, augmentation, epochs and seed;
 3. evaluates every head against the teacher on the held-out split;
 4. saves the distilled model with its processor and model card;
 5. runs the image-classification pipeline (remote code) on a few test images;
