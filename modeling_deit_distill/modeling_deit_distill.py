@@ -52,7 +52,10 @@ class DeiTDistillImageClassifierOutput(ModelOutput):
 
 
 def resize_position_embeddings(
-    position_embeddings: torch.Tensor, num_prefix_tokens: int, old_grid: tuple[int, int], new_grid: tuple[int, int]
+    position_embeddings: torch.Tensor,
+    num_prefix_tokens: int,
+    old_grid: tuple[int, int],
+    new_grid: tuple[int, int],
 ) -> torch.Tensor:
     """Bicubic resize of the patch rows of a `(1, prefix + H*W, D)` table; the CLS/DIST rows are kept as they are."""
     if old_grid == new_grid:
@@ -309,7 +312,10 @@ class DeiTDistillPreTrainedModel(PreTrainedModel):
         new_grid = tuple(side // new_config.patch_size for side in new_config.image_hw)
         with torch.no_grad():
             resized = resize_position_embeddings(
-                embeddings.position_embeddings.data, embeddings.num_prefix_tokens, embeddings.grid_size, new_grid
+                embeddings.position_embeddings.data,
+                embeddings.num_prefix_tokens,
+                embeddings.grid_size,
+                new_grid,
             )
         embeddings.position_embeddings = nn.Parameter(resized)
         embeddings.grid_size = new_grid
@@ -341,7 +347,9 @@ class DeiTDistillModel(DeiTDistillPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> BaseModelOutput | tuple:
-        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        output_attentions = (
+            output_attentions if output_attentions is not None else self.config.output_attentions
+        )
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
