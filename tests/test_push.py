@@ -252,3 +252,20 @@ def test_run_without_its_image_processor_is_refused(make_run):
     (run / "preprocessor_config.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"lacks preprocessor_config\.json"):
         push_run(run, "test-user/deit-push-incomplete", token=DEFAULT_TOKEN)
+
+
+def test_cli_push_and_card_commands_reach_the_hub(make_run, hub_client, hub_server):
+    run = make_run("cli-run")
+    script = """
+        import json, sys
+        from training.cli import main
+        main(["card", PARAMS["run"]])
+        main(["push", PARAMS["run"], "--repo-id", PARAMS["repo"], "--push-native", "native"])
+        print(json.dumps("done"))
+    """
+    hub_client(script, {"run": str(run), "repo": "test-user/cli-push"}, token=DEFAULT_TOKEN)
+    assert {"config.json", "model.safetensors", "README.md", "training_curves.png"} <= set(
+        hub_server.files("test-user/cli-push")
+    )
+    assert "native" in hub_server.branches("test-user/cli-push")
+    assert (run / "README.md").exists()  # `card` writes into the run; `push` does not modify it

@@ -56,7 +56,7 @@ def _card(args: argparse.Namespace) -> None:
 def _push(args: argparse.Namespace) -> None:
     from model_cards import push_run
 
-    url = push_run(
+    result = push_run(
         args.run_dir,
         repo_id=args.repo_id,
         token=args.token,
@@ -65,7 +65,9 @@ def _push(args: argparse.Namespace) -> None:
         commit_message=args.commit_message,
         push_native=args.push_native,
     )
-    print(url)
+    print(f"pushed {result.commit_url}")
+    if result.native_commit_url:
+        print(f"native copy (no remote code): {result.native_commit_url}")
 
 
 def _convert(args: argparse.Namespace) -> None:
