@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoImageProcessor, AutoModelForImageClassification, PretrainedConfig
 
+from .transforms import output_size
+
 logger = logging.getLogger(__name__)
 
 _GENERIC_LABEL = re.compile(r"^LABEL_\d+$")
@@ -130,14 +132,7 @@ class InputSpec:
         if data_config:  # TimmWrapperImageProcessor
             _, height, width = data_config["input_size"]
             return cls(tuple(data_config["mean"]), tuple(data_config["std"]), (height, width))
-        size = processor.crop_size if getattr(processor, "do_center_crop", False) else processor.size
-        size = dict(size)
-        if "height" in size:
-            hw = (size["height"], size["width"])
-        else:
-            edge = size.get("shortest_edge") or size.get("longest_edge")
-            hw = (edge, edge)
-        return cls(tuple(processor.image_mean), tuple(processor.image_std), hw)
+        return cls(tuple(processor.image_mean), tuple(processor.image_std), output_size(processor))
 
 
 class TeacherInputAdapter(nn.Module):

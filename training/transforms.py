@@ -75,11 +75,13 @@ def output_size(image_processor: BaseImageProcessor) -> tuple[int, int]:
 
     A `shortest_edge` size without centre crop has no fixed output shape; training uses a square of that edge.
     """
-    size = image_processor.crop_size if image_processor.do_center_crop else image_processor.size
-    if size.height is not None and size.width is not None:
-        return size.height, size.width
-    if size.shortest_edge is not None:
-        return size.shortest_edge, size.shortest_edge
+    cropped = getattr(image_processor, "do_center_crop", False)
+    size = dict(image_processor.crop_size if cropped else image_processor.size)
+    if size.get("height") is not None and size.get("width") is not None:
+        return size["height"], size["width"]
+    edge = size.get("shortest_edge") or size.get("longest_edge")
+    if edge is not None:
+        return edge, edge
     raise ValueError(f"Cannot tell the output size of the image processor from {size}.")
 
 
