@@ -1,4 +1,4 @@
-"""The data side: dataset loading, image decoding, transforms, collation and the repeated-augmentation sampler."""
+"""The data side: dataset loading, image decoding, transforms and plain collation (mixing: test_views.py)."""
 
 import gzip
 import io
@@ -8,17 +8,13 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from accelerate.data_loader import BatchSamplerShard
 from PIL import Image
 from timm.data.auto_augment import RandAugment
-from timm.data.distributed_sampler import RepeatAugSampler
-from torch.utils.data import BatchSampler
 from transformers import DeiTImageProcessor
 
 from training import data as data_module
 from training.collator import DistillationCollator
 from training.data import CorruptImageError, decode_image, load_image_dataset, scan_images, to_rgb
-from training.sampler import RepeatedAugmentationSampler
 from training.transforms import (
     build_eval_transform,
     build_train_transform,
@@ -329,74 +325,6 @@ def test_plain_collator_stacks_and_keeps_class_indices():
     assert not DistillationCollator(5, mixup_alpha=0.8).for_eval().mixes
 
 
-@pytest.mark.parametrize("n", [1, 2, 5, 8])
-def test_mixup_gives_soft_labels_that_match_the_mixed_images(n):
-    np.random.seed(n)  # timm draws lam with numpy
-    items = examples(n)
-    images = torch.stack([item["pixel_values"] for item in items])
-    labels = torch.tensor([item["labels"] for item in items])
-    batch = DistillationCollator(5, mixup_alpha=1.0, label_smoothing=0.1)(items)
-    targets = batch["labels"]
-    assert targets.shape == (n, 5) and targets.dtype == torch.float32
-    torch.testing.assert_close(targets.sum(dim=1), torch.ones(n))
-
-    def smoothed_one_hot(y):
-        return torch.nn.functional.one_hot(y, 5).float() * 0.9 + 0.1 / 5
-
-    even = n - n % 2
-    if even:
-        # Mixup pairs example i with example even-1-i: x = lam * x_i + (1 - lam) * x_j; recover lam from pixels.
-        mirror = images[:even].flip(0)
-        lam = ((batch["pixel_values"][0] - mirror[0]) / (images[0] - mirror[0])).median()
-        assert lam < 0.99  # the batch was mixed
-        torch.testing.assert_close(
-            batch["pixel_values"][:even], lam * images[:even] + (1 - lam) * mirror, atol=1e-5, rtol=0
-        )
-        expected = lam * smoothed_one_hot(labels[:even]) + (1 - lam) * smoothed_one_hot(labels[:even].flip(0))
-        torch.testing.assert_close(targets[:even], expected, atol=1e-5, rtol=0)
-    if n % 2:
-        # The odd one out is left as it is, with a smoothed one-hot target.
-        torch.testing.assert_close(batch["pixel_values"][-1], images[-1])
-        torch.testing.assert_close(targets[-1], smoothed_one_hot(labels[-1:])[0])
-
-
 def test_cutmix_needs_num_classes():
     with pytest.raises(ValueError, match="num_classes"):
         DistillationCollator(cutmix_alpha=1.0)
-
-
-# ---------------------------------------------------------------- repeated augmentation
-
-
-@pytest.mark.parametrize(("num_processes", "batch_size", "size"), [(2, 4, 50), (3, 5, 301), (4, 8, 1000)])
-def test_each_process_gets_exactly_timms_repeated_augmentation_batches(num_processes, batch_size, size):
-    dataset = range(size)
-    sampler = RepeatedAugmentationSampler(dataset, num_processes=num_processes, batch_size=batch_size, seed=2)
-    sampler.set_epoch(5)
-    for rank in range(num_processes):
-        # What accelerate does to the Trainer's DataLoader.
-        shard = BatchSamplerShard(BatchSampler(sampler, batch_size, drop_last=False), num_processes, rank)
-        reference = RepeatAugSampler(dataset, num_replicas=num_processes, rank=rank, num_repeats=3)
-        reference.set_epoch(2 * 100_000 + 5)
-        expected = list(reference)
-        expected = expected[: len(expected) // batch_size * batch_size]
-        assert [i for batch in shard for i in batch] == expected
-    assert len(sampler) == num_processes * len(expected)
-
-
-def test_repeated_copies_of_an_image_go_to_different_processes_in_the_same_step():
-    sampler = RepeatedAugmentationSampler(range(600), num_processes=3, batch_size=8)
-    order = list(sampler)
-    steps = [order[i : i + 3 * 8] for i in range(0, len(order), 3 * 8)]
-    for step in steps:
-        # With as many processes as repeats, each process sees one copy of the same 8 images.
-        per_process = [step[p * 8 : (p + 1) * 8] for p in range(3)]
-        assert len(set(per_process[0])) == 8
-        assert per_process[0] == per_process[1] == per_process[2]
-    sampler.set_epoch(1)
-    assert list(sampler) != order
-
-
-def test_sampler_rejects_a_dataset_smaller_than_a_batch_per_process():
-    with pytest.raises(ValueError, match="fewer than one batch"):
-        RepeatedAugmentationSampler(range(10), num_processes=4, batch_size=8)

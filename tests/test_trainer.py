@@ -89,8 +89,8 @@ class RecordingCollator(DistillationCollator):
         super().__init__(*args, **kwargs)
         self.batches: list[dict[str, torch.Tensor]] = []
 
-    def __call__(self, examples):
-        batch = super().__call__(examples)
+    def __call__(self, examples, **kwargs):
+        batch = super().__call__(examples, **kwargs)
         self.batches.append({k: v.clone() for k, v in batch.items()})
         return batch
 

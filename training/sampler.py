@@ -1,83 +1,85 @@
-"""Repeated augmentation (Hoffer et al. 2020), as DeiT uses it: each image appears `num_repeats` times per
-epoch, each copy in the same step on a different process, under a different random augmentation.
+"""`ViewSampler`: one global order of training views per epoch, the same for any number of processes.
 
-timm's `RepeatAugSampler` (from the DeiT repo) yields one process's share. The Hugging Face Trainer, though,
-hands a single sampler to accelerate, which deals the resulting batches out to the processes in turn
-(batch `i` to process `i % num_processes`). `RepeatedAugmentationSampler` therefore lays the per-process
-shares of timm's sampler out in that order, so each process receives exactly the batches timm's sampler
-would give it.
+The Hugging Face Trainer hands a single sampler to accelerate, which deals the resulting per-process batches
+out in turn (batch `i` to process `i % num_processes`). So a sampler that yields one global sequence, fixed by
+(seed, epoch), gives every global step the same examples whatever the number of processes: 2 processes with
+batches of 16 see, step by step, the 32 examples one process with batches of 32 sees.
+
+Repeated augmentation (Hoffer et al. 2020; DeiT uses 3 copies) is part of that order: each image appears
+`num_repeats` times in the epoch, each copy its own view (`ViewKey.repeat`), and the copies share a global batch
+(as with timm's `RepeatAugSampler`, where they land on different processes in the same step). An epoch keeps
+about `len(dataset)` examples, as in DeiT, cut to whole global batches.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sized
 
-from timm.data.distributed_sampler import RepeatAugSampler
+import torch
 from torch.utils.data import Sampler
 
-# Spaces the seeds so different runs never share an epoch's order (for the first 100000 epochs).
-_EPOCHS_PER_SEED = 100_000
+from .views import ViewKey
 
 
-class RepeatedAugmentationSampler(Sampler[int]):
-    """Global-order repeated-augmentation sampler for a DataLoader that accelerate shards by batch.
-
-    Every process gets the batches of `timm.data.distributed_sampler.RepeatAugSampler(rank=process)`: the
-    copies of an image land on different processes, and an epoch has about `len(dataset) / num_processes`
-    examples per process, like an epoch without repetition. Each process's share is cut to whole batches so
-    the interleaving stays aligned (at most `batch_size - 1` examples per process dropped per epoch).
+class ViewSampler(Sampler[ViewKey]):
+    """Yields the `ViewKey`s of an epoch in one global order, fixed by (seed, epoch).
 
     Args:
         dataset: The training dataset (only its length is used).
-        num_processes: Number of data-parallel processes.
-        batch_size: Per-process batch size of the DataLoader.
-        num_repeats: Copies of each image per epoch (3 in DeiT).
+        global_batch_size: Examples per data-loader step over all processes (per-device batch x processes);
+            the key's `batch` field counts these.
+        num_repeats: Copies of each image per epoch (repeated augmentation); 1 disables it.
         shuffle: Shuffle the images each epoch.
-        seed: Base seed; the order depends on the seed and the epoch (see `set_epoch`).
+        seed: The run's data seed.
     """
 
     def __init__(
         self,
         dataset: Sized,
         *,
-        num_processes: int,
-        batch_size: int,
-        num_repeats: int = 3,
+        global_batch_size: int,
+        num_repeats: int = 1,
         shuffle: bool = True,
         seed: int = 0,
     ) -> None:
-        if num_processes < 1 or batch_size < 1 or num_repeats < 1:
+        if global_batch_size < 1 or num_repeats < 1:
             raise ValueError(
-                f"num_processes, batch_size and num_repeats must be >= 1, got {num_processes}, {batch_size}, "
-                f"{num_repeats}."
+                f"global_batch_size and num_repeats must be >= 1, got {global_batch_size} and {num_repeats}."
             )
-        self.shards = [
-            RepeatAugSampler(
-                dataset, num_replicas=num_processes, rank=rank, shuffle=shuffle, num_repeats=num_repeats
-            )
-            for rank in range(num_processes)
-        ]
-        self.batch_size = batch_size
-        self.batches_per_process = len(self.shards[0]) // batch_size
-        if self.batches_per_process == 0:
-            raise ValueError(
-                f"With {len(dataset)} examples over {num_processes} processes, each process gets "
-                f"{len(self.shards[0])} examples per epoch, fewer than one batch of {batch_size}."
-            )
+        self.num_examples = len(dataset)
+        self.global_batch_size = global_batch_size
+        self.num_repeats = num_repeats
+        self.shuffle = shuffle
         self.seed = seed
-        self.set_epoch(0)
+        self.epoch = 0
+        if num_repeats > 1 and self.num_examples < global_batch_size:
+            raise ValueError(
+                f"Repeated augmentation needs at least one global batch per epoch: {self.num_examples} "
+                f"examples, global batch {global_batch_size}."
+            )
 
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch; called by the Trainer (through accelerate) at the start of each epoch."""
-        for shard in self.shards:
-            shard.set_epoch(self.seed * _EPOCHS_PER_SEED + epoch)
-
-    def __iter__(self) -> Iterator[int]:
-        shares = [list(shard) for shard in self.shards]
-        for step in range(self.batches_per_process):
-            batch = slice(step * self.batch_size, (step + 1) * self.batch_size)
-            for share in shares:
-                yield from share[batch]
+        self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.batches_per_process * self.batch_size * len(self.shards)
+        if self.num_repeats == 1:
+            return self.num_examples
+        return self.num_examples // self.global_batch_size * self.global_batch_size
+
+    def __iter__(self) -> Iterator[ViewKey]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.num_examples, generator=generator) if self.shuffle else None
+        if order is None:
+            order = torch.arange(self.num_examples)
+        repeats = torch.zeros_like(order)
+        if self.num_repeats > 1:
+            order = order.repeat_interleave(self.num_repeats)[: len(self)]
+            repeats = torch.arange(self.num_repeats).repeat(self.num_examples)[: len(self)]
+            # Spread the copies over their global batch in a random order: consecutive copies would otherwise
+            # sit side by side, and Mixup/CutMix (which pairs neighbours) would mix an image with itself.
+            batch_of = torch.arange(len(self)) // self.global_batch_size
+            within = torch.argsort(batch_of + torch.rand(len(self), generator=generator))
+            order, repeats = order[within], repeats[within]
+        for position, (index, repeat) in enumerate(zip(order.tolist(), repeats.tolist(), strict=True)):
+            yield ViewKey(self.seed, self.epoch, position // self.global_batch_size, index, repeat)

@@ -22,7 +22,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .evaluation import build_compute_metrics
 from .losses import DistillationLoss
-from .sampler import RepeatedAugmentationSampler
+from .sampler import ViewSampler
 from .teacher import (
     InputSpec,
     TeacherInputAdapter,
@@ -31,6 +31,7 @@ from .teacher import (
     match_label_spaces,
     teacher_logits_from_output,
 )
+from .views import SeededViews, ViewCollator
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ class DistillationTrainer(Trainer):
             resolution) on the device. Read from the teacher id when not given; `None` means "same as student".
         train_data_collator: Collator for training batches only (e.g. with Mixup/CutMix); evaluation uses
             `data_collator`, so metrics are computed on clean labels.
-        repeated_augmentations: Repeat each sample this many times across processes (DeiT uses 3).
+        repeated_augmentations: Copies of each image per epoch, each its own augmented view (DeiT uses 3).
         All other arguments are those of `transformers.Trainer`; `processing_class` should be the student's
         image processor so it is saved with every checkpoint.
     """
@@ -260,26 +261,42 @@ class DistillationTrainer(Trainer):
         return [name for name, _ in model.named_parameters() if name not in no_decay]
 
     def get_train_dataloader(self) -> torch.utils.data.DataLoader:
-        if self.train_data_collator is None:
-            return super().get_train_dataloader()
-        eval_collator, self.data_collator = self.data_collator, self.train_data_collator
+        # Training batches come from `SeededViews` and `ViewSampler`: every view (and every mixed batch) is a
+        # function of its ViewKey, so the run does not depend on worker count, process count or a resume.
+        dataset, collator = self.train_dataset, self.data_collator
+        train_collator = self.train_data_collator or self.data_collator
+        if self._draws_views(dataset):
+            self.train_dataset, train_collator = SeededViews(dataset), ViewCollator(train_collator)
+        self.data_collator = train_collator
         try:
             return super().get_train_dataloader()
         finally:
-            self.data_collator = eval_collator
+            self.train_dataset, self.data_collator = dataset, collator
+
+    @staticmethod
+    def _draws_views(dataset: Any) -> bool:
+        return (
+            dataset is not None
+            and not isinstance(dataset, torch.utils.data.IterableDataset)
+            and hasattr(dataset, "__len__")
+        )
 
     def _get_train_sampler(self, train_dataset=None) -> torch.utils.data.Sampler | None:
-        if self.repeated_augmentations > 1 and self.args.world_size > 1:
-            dataset = train_dataset if train_dataset is not None else self.train_dataset
-            # One global order that accelerate deals out batch by batch (see RepeatedAugmentationSampler).
-            return RepeatedAugmentationSampler(
-                dataset,
-                num_processes=self.args.world_size,
-                batch_size=self._train_batch_size,
-                num_repeats=self.repeated_augmentations,
-                seed=self.args.seed,
-            )
-        return super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not isinstance(dataset, SeededViews):
+            return super()._get_train_sampler(train_dataset)
+        return ViewSampler(
+            dataset,
+            global_batch_size=self._train_batch_size * self.args.world_size,
+            num_repeats=self.repeated_augmentations,
+            seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+        )
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        # The view key rides along with each example to the collator, which takes it out.
+        if "view" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "view"]
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
         if resume_from_checkpoint is True:

@@ -1,0 +1,120 @@
+"""Deterministic training views: every augmented image is a pure function of its `ViewKey`.
+
+A training run draws an image's augmentation (crop, flip, RandAugment, erasing) from
+`(seed, epoch, index, repeat)` and a batch's Mixup/CutMix (choice, lambda, box) from `(seed, epoch, batch)`,
+never from whatever state a process or data-loader worker happens to be in. So:
+
+- resuming after a kill replays exactly the batches the uninterrupted run saw;
+- 0, 1 or 16 data-loader workers give the same run;
+- a 2-process DDP run sees the same global batches as a 1-process run with the same global batch;
+- a teacher's outputs can be computed once per view and replayed.
+
+The keys come from `ViewSampler` (in `sampler.py`), which lays out one global order per epoch. `SeededViews`
+wraps any map-style dataset whose transform draws from Python's, NumPy's or torch's global generators (timm and
+torchvision transforms do): it seeds all three from the key around each example and restores them afterwards,
+so the caller's random state (dropout, drop path) is left as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import random
+import struct
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+# Distinct streams, so an image's augmentation and its batch's mixing never share a seed.
+_VIEW_STREAM, _MIX_STREAM = 0, 1
+
+
+class ViewKey(NamedTuple):
+    """Which view of which example: what a `ViewSampler` yields in place of a plain index.
+
+    Attributes:
+        seed: The run's data seed.
+        epoch: The epoch (0-based).
+        batch: The global batch within the epoch (all processes together, one data-loader step).
+        index: The example's index in the dataset.
+        repeat: Which copy of the example in this epoch (repeated augmentation), each its own view.
+    """
+
+    seed: int
+    epoch: int
+    batch: int
+    index: int
+    repeat: int = 0
+
+
+def _hash_seed(*values: int) -> int:
+    # A stable 63-bit hash (Python's `hash` is salted per process, which would break reproducibility).
+    digest = hashlib.blake2b(struct.pack(f"<{len(values)}q", *values), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def view_seed(key: ViewKey) -> int:
+    """The seed of one example's augmentation: depends on (seed, epoch, index, repeat) only."""
+    return _hash_seed(_VIEW_STREAM, key.seed, key.epoch, key.index, key.repeat)
+
+
+def mix_generator(key: ViewKey) -> np.random.Generator:
+    """The generator of one global batch's Mixup/CutMix: depends on (seed, epoch, batch) only."""
+    return np.random.default_rng(_hash_seed(_MIX_STREAM, key.seed, key.epoch, key.batch))
+
+
+@contextlib.contextmanager
+def seeded_global_rngs(seed: int) -> Iterator[None]:
+    """Seed Python's, NumPy's and torch's (CPU) global generators, and restore their states on exit."""
+    states = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    # The default CPU generator only: `torch.manual_seed` would also reseed (and initialise) CUDA.
+    torch.random.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
+
+
+class SeededViews(Dataset):
+    """A map-style dataset indexed by `ViewKey`: `views[key]` is `dataset[key.index]` drawn under the key's seed.
+
+    Dict examples get the key under `"view"` so that the collator can mix the batch deterministically;
+    `ViewCollator` takes it out again before the batch reaches the model.
+    """
+
+    def __init__(self, dataset: Any) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: ViewKey | int) -> Any:
+        if not isinstance(
+            key, ViewKey
+        ):  # a plain index, e.g. from a user's own sampler: no augmentation seed
+            return self.dataset[key]
+        with seeded_global_rngs(view_seed(key)):
+            example = self.dataset[key.index]
+        if isinstance(example, dict):
+            example = {**example, "view": key}
+        return example
+
+
+class ViewCollator:
+    """Takes each example's `"view"` key out and hands the keys to collators that mix (`accepts_views`)."""
+
+    def __init__(self, collator: Callable[[list[Any]], Any]) -> None:
+        self.collator = collator
+
+    def __call__(self, examples: list[Any]) -> Any:
+        views = [example.pop("view", None) if isinstance(example, dict) else None for example in examples]
+        if getattr(self.collator, "accepts_views", False):
+            return self.collator(examples, views=views)
+        return self.collator(examples)
