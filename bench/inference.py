@@ -17,7 +17,8 @@ import argparse
 import platform
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import timm
 import torch
@@ -66,20 +67,69 @@ def time_call(fn: Callable, pixels: torch.Tensor, calls: int, device: torch.devi
 
 
 def measure(
-    fns: dict[str, Callable], pixels: torch.Tensor, args: argparse.Namespace, device: torch.device
+    fns: dict[str, Callable],
+    pixels: torch.Tensor,
+    repeats: int,
+    calls: int,
+    device: torch.device,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, float]:
-    """Images per second of each implementation: median over interleaved repeats."""
+    """Images per second of each implementation: median over interleaved repeats of `calls` forwards."""
     batch = pixels.shape[0]
-    calls = max(1, -(-args.images_per_repeat // batch))
-    clock = CLOCKS[args.clock]
     for fn in fns.values():
         time_call(fn, pixels, max(1, calls // 2), device, clock)  # warm-up: allocator, kernels, caches
     seconds: dict[str, list[float]] = {name: [] for name in fns}
     names = list(fns)
-    for repeat in range(args.repeats):
+    for repeat in range(repeats):
         for name in names[repeat % len(names) :] + names[: repeat % len(names)]:
             seconds[name].append(time_call(fns[name], pixels, calls, device, clock))
     return {name: batch * calls / statistics.median(values) for name, values in seconds.items()}
+
+
+def benchmark_variant(
+    variant: str,
+    device: torch.device,
+    batch_sizes: list[int],
+    repeats: int,
+    calls_for_batch: Callable[[int], int],
+    clock: Callable[[], float] = time.perf_counter,
+) -> Iterator[dict[str, Any]]:
+    """One row per batch size: images/s of ours, transformers and timm with the same weights.
+
+    fp32 on CPU, bf16 elsewhere; the logits are checked to agree before anything is timed.
+    """
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    fns = {name: forward_fn(name, model) for name, model in build_models(variant, device, dtype).items()}
+    with torch.inference_mode():
+        check_same_logits(
+            fns,
+            torch.randn(2, 3, 224, 224, device=device, dtype=dtype),
+            1e-4 if device.type == "cpu" else 0.1,
+        )
+        for batch in batch_sizes:
+            pixels = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)
+            rates = measure(fns, pixels, repeats, calls_for_batch(batch), device, clock)
+            yield {
+                "variant": variant,
+                "device": device.type,
+                "dtype": str(dtype).removeprefix("torch."),
+                "batch": batch,
+                **{f"{name}_img_s": rate for name, rate in rates.items()},
+                "ours_vs_fastest_peer": rates["ours"] / max(rates["transformers"], rates["timm"]),
+            }
+
+
+TABLE_HEADER = (
+    "| variant | device | dtype | batch | ours img/s | transformers img/s | timm img/s | ours / fastest peer |\n"
+    "|---|---|---|---:|---:|---:|---:|---:|"
+)
+
+
+def format_row(row: dict[str, Any]) -> str:
+    return (
+        f"| {row['variant']} | {row['device']} | {row['dtype']} | {row['batch']} | {row['ours_img_s']:.1f} | "
+        f"{row['transformers_img_s']:.1f} | {row['timm_img_s']:.1f} | {row['ours_vs_fastest_peer']:.2f}x |"
+    )
 
 
 def main() -> None:
@@ -108,32 +158,20 @@ def main() -> None:
         f"{platform.processor() or platform.machine()}, {args.threads} threads, {args.clock} clock, "
         f"repeats {args.repeats}, {args.images_per_repeat} images per repeat\n"
     )
-    print(
-        "| variant | device | dtype | batch | ours img/s | transformers img/s | timm img/s | ours / fastest peer |"
-    )
-    print("|---|---|---|---:|---:|---:|---:|---:|")
+    print(TABLE_HEADER)
     for device_name in args.devices:
         device = torch.device(device_name)
-        dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
         for variant in args.variants:
-            fns = {
-                name: forward_fn(name, model) for name, model in build_models(variant, device, dtype).items()
-            }
-            with torch.inference_mode():
-                check_same_logits(
-                    fns,
-                    torch.randn(2, 3, 224, 224, device=device, dtype=dtype),
-                    1e-4 if device.type == "cpu" else 0.1,
-                )
-                for batch in args.batch_sizes:
-                    pixels = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)
-                    rates = measure(fns, pixels, args, device)
-                    ratio = rates["ours"] / max(rates["transformers"], rates["timm"])
-                    print(
-                        f"| {variant} | {device.type} | {str(dtype).removeprefix('torch.')} | {batch} | "
-                        f"{rates['ours']:.1f} | {rates['transformers']:.1f} | {rates['timm']:.1f} | {ratio:.2f}x |",
-                        flush=True,
-                    )
+            rows = benchmark_variant(
+                variant,
+                device,
+                args.batch_sizes,
+                args.repeats,
+                lambda batch: max(1, -(-args.images_per_repeat // batch)),
+                CLOCKS[args.clock],
+            )
+            for row in rows:
+                print(format_row(row), flush=True)
 
 
 if __name__ == "__main__":
