@@ -3,11 +3,13 @@
 This file ships to the Hub with every checkpoint (`trust_remote_code`), so it imports only transformers.
 """
 
-from __future__ import annotations
-
 from typing import Any
 
-from transformers import PretrainedConfig
+from transformers import PreTrainedConfig
+
+# The dataclass validator transformers' own configs use (huggingface_hub's `strict`), taken through transformers
+# so that the shipped file needs nothing else.
+from transformers.configuration_utils import strict
 
 INFERENCE_HEADS = ("average", "cls", "distillation")
 
@@ -25,7 +27,8 @@ def _as_pair(value: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     return int(value), int(value)
 
 
-class DeiTDistillConfig(PretrainedConfig):
+@strict
+class DeiTDistillConfig(PreTrainedConfig):
     r"""Configuration of [`DeiTDistillModel`] and [`DeiTDistillForImageClassification`].
 
     Args:
@@ -48,56 +51,50 @@ class DeiTDistillConfig(PretrainedConfig):
             "no distillation" and "usual distillation" rows).
         inference_head: Which logits `logits` holds: `"average"` of both heads (the paper's default),
             `"cls"` or `"distillation"`.
+
+    Validation follows transformers: field types are checked on assignment, and the `validate_*` methods run
+    from `config.validate()`, which `save_pretrained` and building a model call. Construction itself accepts
+    partial arguments (`DeiTDistillConfig(hidden_size=32)`, as `DeiTConfig(hidden_size=32)`) so a config can
+    be completed field by field before it is used.
     """
 
     model_type = "deit_distill"
 
-    def __init__(
-        self,
-        image_size: int | tuple[int, int] = 224,
-        patch_size: int = 16,
-        num_channels: int = 3,
-        hidden_size: int = 768,
-        num_hidden_layers: int = 12,
-        num_attention_heads: int = 12,
-        intermediate_size: int | None = None,
-        mlp_ratio: float = 4.0,
-        hidden_act: str = "gelu",
-        qkv_bias: bool = True,
-        layer_norm_eps: float = 1e-6,
-        hidden_dropout_prob: float = 0.0,
-        attention_probs_dropout_prob: float = 0.0,
-        drop_path_rate: float = 0.0,
-        initializer_range: float = 0.02,
-        use_distillation_token: bool = True,
-        inference_head: str = "average",
-        **kwargs: Any,
-    ) -> None:
-        self.image_size = list(_as_pair(image_size)) if isinstance(image_size, (tuple, list)) else image_size
-        self.patch_size = patch_size
-        self.num_channels = num_channels
-        self.hidden_size = hidden_size
-        self.num_hidden_layers = num_hidden_layers
-        self.num_attention_heads = num_attention_heads
-        self.mlp_ratio = mlp_ratio
-        self.intermediate_size = (
-            intermediate_size if intermediate_size is not None else int(hidden_size * mlp_ratio)
-        )
-        self.hidden_act = hidden_act
-        self.qkv_bias = qkv_bias
-        self.layer_norm_eps = layer_norm_eps
-        self.hidden_dropout_prob = hidden_dropout_prob
-        self.attention_probs_dropout_prob = attention_probs_dropout_prob
-        self.drop_path_rate = drop_path_rate
-        self.initializer_range = initializer_range
-        self.use_distillation_token = use_distillation_token
-        self.inference_head = inference_head
-        super().__init__(**kwargs)
-        self.validate_architecture()
+    image_size: int | list[int] | tuple[int, int] = 224
+    patch_size: int = 16
+    num_channels: int = 3
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int | None = None
+    mlp_ratio: float | int = 4.0
+    hidden_act: str = "gelu"
+    qkv_bias: bool = True
+    layer_norm_eps: float = 1e-6
+    hidden_dropout_prob: float | int = 0.0
+    attention_probs_dropout_prob: float | int = 0.0
+    drop_path_rate: float | int = 0.0
+    initializer_range: float = 0.02
+    use_distillation_token: bool = True
+    inference_head: str = "average"
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        if isinstance(self.image_size, tuple):
+            self.image_size = list(self.image_size)
+        if self.intermediate_size is None:
+            self.intermediate_size = int(self.hidden_size * self.mlp_ratio)
+        super().__post_init__(**kwargs)
 
     def validate_architecture(self) -> None:
-        """Raise a `ValueError` naming the field and the fix for any impossible combination."""
-        for name in ("patch_size", "num_channels", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+        """Shapes that cannot be built: the field, the value and the fix."""
+        for name in (
+            "patch_size",
+            "num_channels",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"DeiTDistillConfig.{name} must be a positive integer, got {value!r}.")
@@ -113,6 +110,8 @@ class DeiTDistillConfig(PretrainedConfig):
                 f"DeiTDistillConfig.image_size ({height}x{width}) must be divisible by patch_size "
                 f"({self.patch_size}); resize the images or choose a patch_size that divides both sides."
             )
+
+    def validate_inference_head(self) -> None:
         if self.inference_head not in INFERENCE_HEADS:
             raise ValueError(
                 f"DeiTDistillConfig.inference_head must be one of {INFERENCE_HEADS}, got {self.inference_head!r}."
@@ -122,14 +121,12 @@ class DeiTDistillConfig(PretrainedConfig):
                 f"DeiTDistillConfig.inference_head={self.inference_head!r} needs the distillation token; "
                 "set use_distillation_token=True or inference_head='cls'."
             )
+
+    def validate_regularization(self) -> None:
         for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"DeiTDistillConfig.{name} must be in [0, 1), got {value!r}.")
-        if self.intermediate_size <= 0:
-            raise ValueError(
-                f"DeiTDistillConfig.intermediate_size must be positive, got {self.intermediate_size}."
-            )
 
     @property
     def image_hw(self) -> tuple[int, int]:
@@ -146,10 +143,15 @@ class DeiTDistillConfig(PretrainedConfig):
         return 2 if self.use_distillation_token else 1
 
     @classmethod
-    def from_variant(cls, variant: str, **overrides: Any) -> DeiTDistillConfig:
+    def from_variant(cls, variant: str, **overrides: Any) -> "DeiTDistillConfig":
         """The paper's DeiT-Ti/S/B (`"tiny"`, `"small"`, `"base"`), with any field overridden."""
         key = variant.lower().removeprefix("deit-").removeprefix("deit_")
         key = {"ti": "tiny", "s": "small", "b": "base"}.get(key, key)
         if key not in VARIANTS:
             raise ValueError(f"Unknown DeiT variant {variant!r}; choose one of {sorted(VARIANTS)}.")
         return cls(**{**VARIANTS[key], **overrides})
+
+
+# `@strict` also runs `validate()` at the end of `__init__`; transformers' convention is that partial arguments
+# construct (DeiTConfig(hidden_size=32) does), so keep the plain constructor and validate on use instead.
+DeiTDistillConfig.__init__ = DeiTDistillConfig.__init__.__wrapped__

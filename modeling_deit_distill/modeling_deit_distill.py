@@ -5,13 +5,19 @@ The token sequence is `[CLS, DIST, patch_1 ... patch_N]`; the CLS output feeds `
 feeds `distillation_classifier`, and inference averages the two. With `use_distillation_token=False` the model is
 a plain ViT with one head.
 
+It offers timm's model API as well (`forward_features`, `forward_head`, `forward_intermediates`,
+`reset_classifier`, `group_matcher`, `no_weight_decay`), so timm's optimizer helpers and feature-extraction
+habits work unchanged.
+
 This file ships to the Hub with every checkpoint (`trust_remote_code`), so it imports only torch and
-transformers, and its sibling configuration file through a flat relative import.
+transformers, and its sibling files (the configuration and the image-processor builder) through flat relative
+imports.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,7 +30,10 @@ from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.utils import ModelOutput
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs
+from transformers.utils.generic import can_return_tuple, merge_with_config_defaults
+from transformers.utils.output_capturing import capture_outputs
 
 from .configuration_deit_distill import DeiTDistillConfig
 from .image_processing import build_image_processor
@@ -163,15 +172,19 @@ class DeiTDistillAttention(nn.Module):
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size)
 
     def forward(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         batch_size, seq_len, _ = hidden_states.shape
         qkv = self.qkv_proj(hidden_states).view(batch_size, seq_len, 3, self.num_heads, self.head_dim)
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
         attention_interface: Callable = eager_attention_forward
-        # Fused kernels do not expose the probabilities, so a call that asks for them takes the eager path.
-        if self.config._attn_implementation not in (None, "eager") and not output_attentions:
+        # Fused kernels do not expose the probabilities, so a call that asks for them takes the eager path
+        # (transformers' DeiT would return no attentions there).
+        if self.config._attn_implementation not in (None, "eager") and not kwargs.get("output_attentions"):
             attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
                 self.config._attn_implementation, eager_attention_forward
             )
@@ -180,13 +193,13 @@ class DeiTDistillAttention(nn.Module):
             query,
             key,
             value,
-            None,
+            attention_mask,
             dropout=self.attention_dropout if self.training else 0.0,
             scaling=self.scaling,
-            is_causal=False,
+            **kwargs,
         )
         attn_output = self.o_proj(attn_output.reshape(batch_size, seq_len, -1))
-        return attn_output, attn_weights if output_attentions else None
+        return attn_output, attn_weights
 
 
 class DeiTDistillMLP(nn.Module):
@@ -232,16 +245,18 @@ class DeiTDistillLayer(GradientCheckpointingLayer):
         self.drop_path = DeiTDistillDropPath(drop_path_rate)
 
     def forward(
-        self, hidden_states: torch.Tensor, output_attentions: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> torch.Tensor:
         # Each branch output is consumed by its residual add at once, so no block-sized tensor outlives its use.
         residual = hidden_states
-        hidden_states, attn_weights = self.attention(self.layernorm_before(hidden_states), output_attentions)
+        hidden_states, _ = self.attention(self.layernorm_before(hidden_states), attention_mask, **kwargs)
         hidden_states = residual + self.drop_path(self.dropout(hidden_states))
         residual = hidden_states
         hidden_states = self.mlp(self.layernorm_after(hidden_states))
-        hidden_states = residual + self.drop_path(self.dropout(hidden_states))
-        return hidden_states, attn_weights
+        return residual + self.drop_path(self.dropout(hidden_states))
 
 
 class DeiTDistillPreTrainedModel(PreTrainedModel):
@@ -257,6 +272,14 @@ class DeiTDistillPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = True
+    # `output_hidden_states` / `output_attentions` are recorded by hooks on these modules (transformers 5).
+    _can_record_outputs = {"hidden_states": DeiTDistillLayer, "attentions": DeiTDistillAttention}
+    _input_embed_layer = "patch_embeddings"
+
+    def __init__(self, config: DeiTDistillConfig, *inputs, **kwargs) -> None:
+        # Construction of a config accepts partial arguments; a model is where it must be complete.
+        config.validate()
+        super().__init__(config, *inputs, **kwargs)
 
     def _init_weights(self, module: nn.Module) -> None:
         """Truncated normal (std `initializer_range`) for tokens, position embedding and projections (DeiT/timm).
@@ -278,17 +301,32 @@ class DeiTDistillPreTrainedModel(PreTrainedModel):
             if module.distillation_token is not None:
                 init.trunc_normal_(module.distillation_token, mean=0.0, std=std)
 
-    def no_weight_decay(self) -> set[str]:
-        """Names of the parameters the DeiT recipe trains without weight decay.
+    @property
+    def _backbone_prefix(self) -> str:
+        """Prefix of the backbone's parameter names in this model ("" on the backbone itself)."""
+        return "" if self.base_model is self else f"{self.base_model_prefix}."
 
-        These are the CLS and DIST tokens, the position embedding, every LayerNorm parameter and every bias;
-        i.e. all parameters with fewer than two dimensions plus the tokens and the position embedding.
+    def no_weight_decay(self) -> set[str]:
+        """timm's contract: the names (in `named_parameters()`) of the matrices trained without weight decay.
+
+        These are the CLS and DIST tokens and the position embedding. Norm weights and biases are not listed:
+        like timm's optimizer factory (`weight_decay_exclude_1d`), `training.optim` and `DistillationTrainer`
+        exempt every parameter with fewer than two dimensions on top of these names.
         """
         special = ("cls_token", "distillation_token", "position_embeddings")
+        prefix = f"{self._backbone_prefix}embeddings."
+        return {name for name, _ in self.named_parameters() if name.removeprefix(prefix) in special}
+
+    def group_matcher(self, coarse: bool = False) -> dict[str, str | list[tuple[str, tuple[int] | None]]]:
+        """timm's parameter grouping: embeddings first, one group per block, the final norm with the last block.
+
+        Parameters matched by no pattern (the heads) come last, which is how timm's `param_groups_layer_decay`
+        treats DeiT's heads. `coarse` is accepted for timm's signature; blocks are single groups either way.
+        """
+        prefix = re.escape(self._backbone_prefix)
         return {
-            name
-            for name, param in self.named_parameters()
-            if param.ndim <= 1 or name.rsplit(".", 1)[-1] in special
+            "stem": rf"^{prefix}embeddings\.",
+            "blocks": [(rf"^{prefix}layers\.(\d+)\.", None), (rf"^{prefix}layernorm\.", (99999,))],
         }
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
@@ -308,6 +346,7 @@ class DeiTDistillPreTrainedModel(PreTrainedModel):
         The patch rows of the position embedding are resized bicubically; the CLS/DIST rows are kept.
         """
         new_config = self.config.__class__(**{**self.config.to_dict(), "image_size": image_size})
+        new_config.validate()
         embeddings: DeiTDistillEmbeddings = self.base_model.embeddings
         new_grid = tuple(side // new_config.patch_size for side in new_config.image_hw)
         with torch.no_grad():
@@ -338,130 +377,223 @@ class DeiTDistillModel(DeiTDistillPreTrainedModel):
     def get_input_embeddings(self) -> DeiTDistillPatchEmbeddings:
         return self.embeddings.patch_embeddings
 
+    @merge_with_config_defaults
+    @capture_outputs(tie_last_hidden_states=False)
     def forward(
         self,
-        pixel_values: torch.Tensor,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        interpolate_pos_encoding: bool = False,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> BaseModelOutput | tuple:
-        output_attentions = (
-            output_attentions if output_attentions is not None else self.config.output_attentions
-        )
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        pixel_values: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutput:
+        r"""
+        `output_hidden_states` (a flag, or the indices of the hidden states to keep: 0 is the embedding output,
+        `i + 1` the output of block `i`, before the final norm), `output_attentions` and `return_dict` are
+        handled by transformers' output capturing, exactly as in its DeiT.
+        """
+        if pixel_values is None:
+            raise ValueError("pixel_values is required.")
         pixel_values = pixel_values.to(self.embeddings.patch_embeddings.projection.weight.dtype)
-
-        hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
-        all_hidden_states = [hidden_states] if output_hidden_states else None
-        all_attentions = [] if output_attentions else None
+        hidden_states = self.embeddings(pixel_values, interpolate_pos_encoding=bool(interpolate_pos_encoding))
         for layer in self.layers:
-            hidden_states, attn_weights = layer(hidden_states, output_attentions)
-            if output_hidden_states:
-                all_hidden_states.append(hidden_states)
-            if output_attentions:
-                all_attentions.append(attn_weights)
-        hidden_states = self.layernorm(hidden_states)
+            hidden_states = layer(hidden_states, None, **kwargs)
+        return BaseModelOutput(last_hidden_state=self.layernorm(hidden_states))
 
-        output = BaseModelOutput(
-            last_hidden_state=hidden_states,
-            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
-            attentions=tuple(all_attentions) if output_attentions else None,
-        )
-        return output if return_dict else output.to_tuple()
+
+def _take_indices(num_blocks: int, indices: int | list[int] | tuple[int, ...] | None) -> list[int]:
+    """timm's convention: `None` is every block, an int `n` the last `n` blocks, a list those blocks."""
+    if indices is None:
+        return list(range(num_blocks))
+    if isinstance(indices, int):
+        if not 0 < indices <= num_blocks:
+            raise ValueError(f"indices={indices} must select between 1 and {num_blocks} blocks.")
+        return list(range(num_blocks - indices, num_blocks))
+    taken = [index % num_blocks if -num_blocks <= index < 0 else index for index in indices]
+    if any(not 0 <= index < num_blocks for index in taken):
+        raise ValueError(f"indices={list(indices)} must be block indices in [-{num_blocks}, {num_blocks}).")
+    return taken
 
 
 class DeiTDistillForImageClassification(DeiTDistillPreTrainedModel):
-    """DeiT backbone with a linear head on the CLS token and, with the distillation token, one on DIST."""
+    """DeiT backbone with a linear head on the CLS token and, with the distillation token, one on DIST.
+
+    `num_labels=0` builds it headless (identity heads), a feature extractor as timm's `num_classes=0`:
+    `logits` are then the pooled features (see `forward_head(..., pre_logits=True)`).
+    """
 
     def __init__(self, config: DeiTDistillConfig) -> None:
         super().__init__(config)
         self.num_labels = config.num_labels
         self.deit = DeiTDistillModel(config)
-        self.cls_classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.cls_classifier = self._new_head(config.num_labels)
         self.distillation_classifier = (
-            nn.Linear(config.hidden_size, config.num_labels) if config.use_distillation_token else None
+            self._new_head(config.num_labels) if config.use_distillation_token else None
         )
         self.post_init()
 
-    def forward_head(self, sequence_output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits of the CLS head and of the DIST head (`None` without a distillation token)."""
-        cls_logits = self.cls_classifier(sequence_output[:, 0])
+    def _new_head(self, num_classes: int) -> nn.Module:
+        return nn.Linear(self.config.hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+
+    def get_classifier(self) -> tuple[nn.Module, nn.Module | None]:
+        """The CLS head and the DIST head (`None` without a distillation token), as timm's distilled DeiT."""
+        return self.cls_classifier, self.distillation_classifier
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """New, freshly initialised heads for `num_classes` classes (0: headless), as timm's `reset_classifier`.
+
+        `config.num_labels` follows, which resets `id2label`/`label2id` to generic names; set them after.
+        """
+        like = self.deit.embeddings.cls_token
+        self.config.num_labels = num_classes
+        self.num_labels = num_classes
+        heads = [self._new_head(num_classes) for _ in range(2 if self.config.use_distillation_token else 1)]
+        for head in heads:
+            head.apply(self._init_weights)
+            head.to(device=like.device, dtype=like.dtype)
+        self.cls_classifier = heads[0]
+        self.distillation_classifier = heads[1] if len(heads) > 1 else None
+
+    def forward_features(
+        self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False
+    ) -> torch.Tensor:
+        """All tokens after the final norm, `(batch, prefix + patches, hidden)` (timm's `forward_features`)."""
+        return self.deit(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding).last_hidden_state
+
+    def _head_logits(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        cls_logits = self.cls_classifier(tokens[:, 0])
         if self.distillation_classifier is None:
             return cls_logits, None
-        return cls_logits, self.distillation_classifier(sequence_output[:, 1])
+        return cls_logits, self.distillation_classifier(tokens[:, 1])
 
-    def forward(
+    def _select(self, cls_output: torch.Tensor, distillation_output: torch.Tensor | None) -> torch.Tensor:
+        """What `config.inference_head` reads from the two heads (or the two tokens)."""
+        if distillation_output is None or self.config.inference_head == "cls":
+            return cls_output
+        if self.config.inference_head == "distillation":
+            return distillation_output
+        return (cls_output + distillation_output) / 2
+
+    def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """timm's `forward_head` on `forward_features` output: the logits `config.inference_head` selects.
+
+        With `pre_logits=True`, the features the heads read, pooled the same way: the CLS token, the DIST
+        token or their average (timm's distilled DeiT averages them).
+        """
+        if pre_logits:
+            distillation_token = tokens[:, 1] if self.config.use_distillation_token else None
+            return self._select(tokens[:, 0], distillation_token)
+        return self._select(*self._head_logits(tokens))
+
+    def forward_intermediates(
         self,
         pixel_values: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
+        indices: int | list[int] | tuple[int, ...] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
         interpolate_pos_encoding: bool = False,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> DeiTDistillImageClassifierOutput | tuple:
-        r"""
-        labels: Class indices of shape `(batch,)`, or soft targets of shape `(batch, num_labels)` (mixup, label
-            smoothing). Without a teacher the loss is the cross-entropy of the CLS head, averaged 50/50 with
-            the cross-entropy of the DIST head when there is one, so every parameter receives a gradient.
-            Teacher-guided losses live in `training.DistillationLoss`.
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Block outputs for dense tasks, as timm's `forward_intermediates`.
+
+        Args:
+            indices: `None` for every block, an int `n` for the last `n`, or a list of block indices.
+            return_prefix_tokens: Return `(patch_map, prefix_tokens)` pairs, prefix being CLS (and DIST).
+            norm: Apply the final LayerNorm to each intermediate.
+            output_fmt: `"NCHW"` (`(batch, hidden, grid_h, grid_w)`) or `"NLC"` (`(batch, patches, hidden)`).
+            intermediates_only: Return only the list, not `(forward_features output, list)`.
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}.")
+        take = _take_indices(self.config.num_hidden_layers, indices)
+        # Hidden state i + 1 is the output of block i; the capture hooks keep only those asked for.
         outputs = self.deit(
             pixel_values,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
             interpolate_pos_encoding=interpolate_pos_encoding,
-            return_dict=True,
+            output_hidden_states=[index + 1 for index in take],
         )
-        cls_logits, distillation_logits = self.forward_head(outputs.last_hidden_state)
-        if distillation_logits is None:
-            logits = cls_logits
-        else:
-            logits = {
-                "average": (cls_logits + distillation_logits) / 2,
-                "cls": cls_logits,
-                "distillation": distillation_logits,
-            }[self.config.inference_head]
+        num_prefix = self.config.num_prefix_tokens
+        grid = (
+            pixel_values.shape[-2] // self.config.patch_size,
+            pixel_values.shape[-1] // self.config.patch_size,
+        )
+        intermediates = []
+        for index in take:
+            tokens = outputs.hidden_states[index + 1]
+            if norm:
+                tokens = self.deit.layernorm(tokens)
+            prefix, patches = tokens[:, :num_prefix], tokens[:, num_prefix:]
+            if output_fmt == "NCHW":
+                patches = patches.reshape(patches.shape[0], *grid, -1).permute(0, 3, 1, 2).contiguous()
+            intermediates.append((patches, prefix) if return_prefix_tokens else patches)
+        if intermediates_only:
+            return intermediates
+        return outputs.last_hidden_state, intermediates
 
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> DeiTDistillImageClassifierOutput:
+        r"""
+        labels: Targets for the supervised loss, read as transformers' image classifiers read them
+            (`config.problem_type`): `"single_label_classification"` takes class indices `(batch,)` or soft
+            targets `(batch, num_labels)`, `"multi_label_classification"` multi-hot floats (BCE with logits),
+            `"regression"` floats (MSE). When `problem_type` is unset, float labels shaped like the logits are
+            soft targets (Mixup/CutMix, label smoothing) and get soft-target cross-entropy, not BCE; anything
+            else is resolved as transformers does (one label: regression; integer labels: single-label).
+            Without a teacher the loss of the CLS head is averaged 50/50 with that of the DIST head when there
+            is one, so every parameter receives a gradient. Teacher-guided losses live in
+            `training.DistillationLoss`.
+        """
+        outputs: BaseModelOutput = self.deit(
+            pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, **kwargs
+        )
+        cls_logits, distillation_logits = self._head_logits(outputs.last_hidden_state)
         loss = None
         if labels is not None:
-            loss = self.supervised_loss(cls_logits, labels)
+            loss = self.supervised_loss(cls_logits, labels, **kwargs)
             if distillation_logits is not None:
-                loss = (loss + self.supervised_loss(distillation_logits, labels)) / 2
-
-        output = DeiTDistillImageClassifierOutput(
+                loss = (loss + self.supervised_loss(distillation_logits, labels, **kwargs)) / 2
+        return DeiTDistillImageClassifierOutput(
             loss=loss,
-            logits=logits,
+            logits=self._select(cls_logits, distillation_logits),
             cls_logits=cls_logits,
             distillation_logits=distillation_logits,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
-        return output if return_dict else output.to_tuple()
 
-    def supervised_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy against class indices or soft targets, with a clear error for mismatched labels."""
+    def supervised_loss(self, logits: torch.Tensor, labels: torch.Tensor, **kwargs) -> torch.Tensor:
+        """The loss of one head, following `config.problem_type` (see `forward`), with clear label errors."""
+        if self.num_labels == 0:
+            raise ValueError(
+                "This model is headless (num_labels=0, a feature extractor) and has no loss; "
+                "call reset_classifier(num_classes) to add heads before training on labels."
+            )
         labels = labels.to(logits.device)
-        if labels.is_floating_point() and labels.ndim == 2:
+        problem_type = self.config.problem_type
+        is_soft = labels.is_floating_point() and labels.ndim == 2 and self.num_labels > 1
+        if is_soft and problem_type in (None, "single_label_classification"):
             if labels.shape != logits.shape:
                 raise ValueError(
                     f"Soft labels have shape {tuple(labels.shape)} but the model predicts {self.num_labels} "
                     f"classes (logits {tuple(logits.shape)}); build targets with num_classes={self.num_labels}."
                 )
             return F.cross_entropy(logits.float(), labels.float())
-        labels = labels.long().view(-1)
-        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_labels):
-            raise ValueError(
-                f"Labels must be class indices in [0, {self.num_labels}), got values in "
-                f"[{int(labels.min())}, {int(labels.max())}]; set num_labels/id2label to match the dataset."
-            )
-        return F.cross_entropy(logits.float(), labels)
+        if problem_type is None and self.num_labels > 1:
+            # Hard labels of any dtype are class indices here (transformers would send float labels to BCE).
+            labels = labels.long()
+        if labels.dtype in (torch.long, torch.int) and problem_type != "regression" and self.num_labels > 1:
+            valid = labels[labels != -100]  # -100 is cross-entropy's ignore_index
+            if valid.numel() and (valid.min() < 0 or valid.max() >= self.num_labels):
+                raise ValueError(
+                    f"Labels must be class indices in [0, {self.num_labels}), got values in "
+                    f"[{int(valid.min())}, {int(valid.max())}]; set num_labels/id2label to match the dataset."
+                )
+        return self.loss_function(labels, logits.float(), self.config, **kwargs)
 
 
 __all__ = [

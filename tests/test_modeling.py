@@ -7,9 +7,12 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDataclassFieldValidationError
 from timm.layers import resample_abs_pos_embed
+from transformers import DeiTConfig
 
-from modeling_deit_distill import DeiTDistillConfig, DeiTDistillForImageClassification
+from modeling_deit_distill import DeiTDistillConfig, DeiTDistillForImageClassification, from_timm
+from training.optim import no_decay_parameter_names
 
 SMALL = {
     "image_size": 48,
@@ -40,9 +43,25 @@ def pixels() -> torch.Tensor:
         ({"use_distillation_token": False, "inference_head": "average"}, "needs the distillation token"),
     ],
 )
-def test_config_rejects_impossible_architectures(fields, message):
-    with pytest.raises(ValueError, match=message):
-        DeiTDistillConfig(**{**SMALL, **fields})
+def test_config_rejects_impossible_architectures_on_validate_save_and_build(fields, message, tmp_path):
+    config = DeiTDistillConfig(**{**SMALL, **fields})  # partial or inconsistent arguments construct
+    for use in (config.validate, lambda: config.save_pretrained(tmp_path), lambda: build(**fields)):
+        with pytest.raises(StrictDataclassClassValidationError, match=message):
+            use()
+
+
+def test_config_changed_after_construction_is_caught_by_validate():
+    config = DeiTDistillConfig(**SMALL)
+    config.validate()
+    config.num_attention_heads = 5
+    with pytest.raises(StrictDataclassClassValidationError, match=r"hidden_size \(96\) must be divisible"):
+        config.validate()
+
+
+def test_config_with_partial_arguments_constructs_like_transformers_deit():
+    assert DeiTConfig(hidden_size=32).hidden_size == DeiTDistillConfig(hidden_size=32).hidden_size == 32
+    with pytest.raises(StrictDataclassFieldValidationError, match="expected int"):
+        DeiTDistillConfig(hidden_size=32.5)  # field types are checked at once, as in transformers
 
 
 @pytest.mark.parametrize(("variant", "paper_millions"), [("tiny", 5.9), ("small", 22), ("base", 87)])
@@ -121,15 +140,31 @@ def test_gradient_checkpointing_gives_the_same_gradients(pixels):
         torch.testing.assert_close(checkpointed[name], grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
-def test_no_weight_decay_lists_tokens_position_norms_and_biases():
-    model = build()
-    special = ("cls_token", "distillation_token", "position_embeddings")
-    expected = {
-        name
-        for name, _ in model.named_parameters()
-        if name.endswith(".bias") or "layernorm" in name or name.split(".")[-1] in special
+def test_no_weight_decay_lists_the_same_tokens_as_timm_and_optimizers_add_every_1d_parameter():
+    reference = timm.create_model(
+        "deit_tiny_distilled_patch16_224",
+        pretrained=False,
+        img_size=48,
+        patch_size=8,
+        embed_dim=96,
+        depth=2,
+        num_heads=3,
+        num_classes=5,
+    )
+    model = from_timm(reference)
+    timm_to_ours = {
+        "cls_token": "deit.embeddings.cls_token",
+        "dist_token": "deit.embeddings.distillation_token",
+        "pos_embed": "deit.embeddings.position_embeddings",
     }
-    assert model.no_weight_decay() == expected
+    assert model.no_weight_decay() == {
+        timm_to_ours[name] for name, _ in reference.named_parameters() if name in reference.no_weight_decay()
+    }
+    assert model.deit.no_weight_decay() == {name.removeprefix("deit.") for name in model.no_weight_decay()}
+    expected = model.no_weight_decay() | {
+        n for n, _ in model.named_parameters() if n.endswith(".bias") or "layernorm" in n
+    }
+    assert no_decay_parameter_names(model) == expected
     assert "deit.layers.0.attention.qkv_proj.weight" not in expected
 
 
