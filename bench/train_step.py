@@ -45,6 +45,7 @@ from transformers import (
 
 from modeling_deit_distill import DeiTDistillConfig, DeiTDistillForImageClassification
 from training.losses import DistillationLoss
+from training.optim import no_decay_parameter_names
 from training.trainer import DistillationTrainer
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
@@ -135,7 +136,7 @@ def plain_loop(
     clock: Callable[[], float],
 ) -> list[float]:
     """What the Trainer does per step, written out: forward, teacher, loss, backward, AdamW, schedule."""
-    no_decay = student.no_weight_decay()
+    no_decay = no_decay_parameter_names(student)
     groups = [
         {
             "params": [p for n, p in student.named_parameters() if n not in no_decay],

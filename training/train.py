@@ -127,6 +127,10 @@ class DistillationArguments:
     scale_lr: bool = field(
         default=False, metadata={"help": "lr = learning_rate * global_batch / 512 (the DeiT recipe)."}
     )
+    layer_decay: float | None = field(
+        default=None,
+        metadata={"help": "Layer-wise lr decay for fine-tuning, e.g. 0.65 (lr * decay**(L-i))."},
+    )
 
 
 def parse_args(
@@ -297,6 +301,7 @@ def run_training(
         model=model,
         args=training_args,
         teacher=teacher,
+        layer_decay=distill_args.layer_decay,
         distillation_loss=DistillationLoss(
             distillation_type=distill_args.distillation_type,
             alpha=distill_args.alpha,

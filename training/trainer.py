@@ -22,6 +22,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from .evaluation import build_compute_metrics
 from .losses import DistillationLoss
+from .optim import layer_decay_param_groups, no_decay_parameter_names
 from .sampler import ViewSampler
 from .teacher import (
     InputSpec,
@@ -88,6 +89,9 @@ class DistillationTrainer(Trainer):
         train_data_collator: Collator for training batches only (e.g. with Mixup/CutMix); evaluation uses
             `data_collator`, so metrics are computed on clean labels.
         repeated_augmentations: Copies of each image per epoch, each its own augmented view (DeiT uses 3).
+        layer_decay: Layer-wise lr decay for fine-tuning (e.g. 0.65): block `i` of `L` trains at
+            `lr * layer_decay ** (L - i)`, the heads at `lr`; groups from the model's `group_matcher()` through
+            timm's `param_groups_layer_decay` (see `training.optim`). `None` trains every layer at `lr`.
         All other arguments are those of `transformers.Trainer`; `processing_class` should be the student's
         image processor so it is saved with every checkpoint.
     """
@@ -102,6 +106,7 @@ class DistillationTrainer(Trainer):
         teacher_image_processor: Any = None,
         train_data_collator: Callable | None = None,
         repeated_augmentations: int = 1,
+        layer_decay: float | None = None,
         compute_metrics: Callable | None = None,
         **kwargs: Any,
     ) -> None:
@@ -117,6 +122,7 @@ class DistillationTrainer(Trainer):
         self.distillation_loss = distillation_loss
         self.train_data_collator = train_data_collator
         self.repeated_augmentations = repeated_augmentations
+        self.layer_decay = layer_decay
         super().__init__(model=model, args=args, compute_metrics=compute_metrics, **kwargs)
         # Our loss is a per-batch mean: Trainer divides it by the accumulation steps itself, and needs no
         # token count (which would cost an all-gather per step under DDP).
@@ -253,12 +259,21 @@ class DistillationTrainer(Trainer):
         super().log(logs, start_time)
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
-        """Everything but the tokens, position embedding, norms and biases (the model's `no_weight_decay()`)."""
-        if hasattr(model, "no_weight_decay"):
-            no_decay = model.no_weight_decay()
-        else:
-            no_decay = {name for name, param in model.named_parameters() if param.ndim <= 1}
+        """Everything but norms, biases and the model's `no_weight_decay()` (tokens, position embedding)."""
+        no_decay = no_decay_parameter_names(model)
         return [name for name, _ in model.named_parameters() if name not in no_decay]
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        """Trainer's optimizer; with `layer_decay`, on timm's layer-decay groups (same decay/no-decay split)."""
+        if self.layer_decay is None or self.optimizer is not None:
+            return super().create_optimizer(model)
+        opt_model = self.model if model is None else model
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        groups = layer_decay_param_groups(
+            opt_model, optimizer_kwargs["lr"], self.args.weight_decay, self.layer_decay
+        )
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
 
     def get_train_dataloader(self) -> torch.utils.data.DataLoader:
         # Training batches come from `SeededViews` and `ViewSampler`: every view (and every mixed batch) is a
