@@ -1,10 +1,14 @@
 """Two-process data-parallel distillation on CPU (gloo) gives the run a single process makes with the same global
 batch: same per-step losses, same final weights, same evaluation.
 
-Why the two runs see the same data: the Trainer's sampler yields one seeded order for every process, and
+Why the two runs see the same data: the trainer's `ViewSampler` yields one seeded global order of views, and
 accelerate deals its batches of 16 out in turn (batch 2k to rank 0, 2k+1 to rank 1), so global step k covers the
-same 32 images as step k of the single process with batches of 32. Augmentation, mixup/cutmix and drop-path are
-off, so nothing else is random. DDP averages the per-rank mean gradients, which equals the mean over 32 examples.
+same 32 views as step k of the single process with batches of 32. The full DeiT recipe is on (RandomResizedCrop,
+RandAugment, random erasing, repeated augmentation, Mixup/CutMix, 2 data-loader workers per process): each view
+is drawn from (seed, epoch, index, repeat) and each global batch's mixing from (seed, epoch, batch), and examples
+are mixed with their neighbour, so a per-rank half of a global batch is augmented and mixed exactly as in the
+single process. Drop path is off: it draws per process. DDP averages the per-rank mean gradients, which equals
+the mean over 32 examples.
 
 The teacher is a module with no trainable parameter: had the trainer wrapped it in DistributedDataParallel, DDP
 would refuse it, so a successful run also shows it is not wrapped.
@@ -68,9 +72,11 @@ def run_args(output_dir: Path, teacher: Path, per_device_batch: int) -> list[str
         "--crop_pct", "1.0",
         "--image_mean", "0.3,0.3,0.3",
         "--image_std", "0.35,0.35,0.35",
-        "--augmentation", "none",
-        "--mixup", "0",
-        "--cutmix", "0",
+        "--augmentation", "deit",
+        "--mixup", "0.8",
+        "--cutmix", "1.0",
+        "--repeated_augmentations", "3",
+        "--dataloader_num_workers", "2",
         "--per_device_train_batch_size", str(per_device_batch),
         "--per_device_eval_batch_size", "32",
         "--max_steps", str(STEPS),

@@ -1,8 +1,10 @@
-"""Resuming after a crash: a run SIGKILLed while it writes a checkpoint resumes from its last complete checkpoint
-and ends where an uninterrupted run ends; partial checkpoint folders are skipped and left alone.
+"""Resuming after a crash: a run SIGKILLed while it writes a checkpoint, or in the middle of an epoch, resumes from
+its last complete checkpoint and is the uninterrupted run: the same loss at every logged step, the same weights
+and optimizer state. Partial checkpoint folders are skipped and left alone.
 
-The run is deterministic (no augmentation, mixup, cutmix or drop-path; fixed seed), so a resumed run can be
-compared with an uninterrupted one parameter by parameter.
+The runs use the full DeiT recipe (RandomResizedCrop, RandAugment, random erasing, Mixup/CutMix, drop path) with
+2 data-loader workers: every view and every mixed batch is a function of (seed, epoch, index/batch), so a resumed
+run replays exactly the batches the uninterrupted run saw.
 """
 
 from __future__ import annotations
@@ -31,15 +33,16 @@ ROOT = Path(__file__).resolve().parent.parent
 MAX_STEPS, SAVE_STEPS, KILL_AT = 6, 2, 4
 RUN = [
     "--config_overrides", "patch_size=7,hidden_size=24,num_hidden_layers=1,num_attention_heads=2",
-    "--drop_path_rate", "0",
+    "--drop_path_rate", "0.1",
     "--distillation_type", "none",
     "--max_train_samples", "64",
     "--max_eval_samples", "32",
     "--image_size", "28",
     "--crop_pct", "1.0",
-    "--augmentation", "none",
-    "--mixup", "0",
-    "--cutmix", "0",
+    "--augmentation", "deit",
+    "--mixup", "0.8",
+    "--cutmix", "1.0",
+    "--dataloader_num_workers", "2",
     "--per_device_train_batch_size", "16",
     "--per_device_eval_batch_size", "32",
     "--max_steps", str(MAX_STEPS),
@@ -53,24 +56,35 @@ RUN = [
     "--disable_tqdm", "true",
 ]  # fmt: skip
 
-# Runs train.py's `main`, but stalls inside the checkpoint save of step KILL_AT after the weights are written and
-# before the optimizer, scheduler and trainer state are: there the parent kills it.
+# Runs train.py's `main`, but stalls at step KILL_AT: with "save", inside its checkpoint save, after the weights are
+# written and before the optimizer, scheduler and trainer state are; with "step", in the middle of the training
+# step that follows it (mid-epoch). There the parent kills it.
 KILLABLE_RUN = textwrap.dedent(
     """
     import sys, time
     from training.trainer import DistillationTrainer
     from training.train import main
 
-    marker, kill_at, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
-    save = DistillationTrainer._save_optimizer_and_scheduler
+    marker, where, kill_at, argv = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+    save, step = DistillationTrainer._save_optimizer_and_scheduler, DistillationTrainer.training_step
+
+    def stall(self):
+        if self.state.global_step == kill_at:
+            open(marker, "w").write("stalled")
+            time.sleep(600)
 
     def save_or_stall(self, output_dir):
-        if self.state.global_step == kill_at:
-            open(marker, "w").write(output_dir)
-            time.sleep(600)
+        if where == "save":
+            stall(self)
         return save(self, output_dir)
 
+    def step_or_stall(self, *args, **kwargs):
+        if where == "step":
+            stall(self)
+        return step(self, *args, **kwargs)
+
     DistillationTrainer._save_optimizer_and_scheduler = save_or_stall
+    DistillationTrainer.training_step = step_or_stall
     main(argv)
     """
 )
@@ -80,18 +94,17 @@ def file_hashes(folder: Path) -> dict[str, str]:
     return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(folder.iterdir())}
 
 
-@pytest.fixture(scope="module")
-def killed_run(tmp_path_factory) -> Path:
-    """A run SIGKILLed while writing its second checkpoint (checkpoint-4); the folder it left behind."""
-    root = tmp_path_factory.mktemp("killed")
-    output_dir, marker = root / "run", root / "saving"
+def kill_run(output_dir: Path, where: str, kill_at: int) -> Path:
+    """Start the run in a subprocess, SIGKILL it where it stalls (see KILLABLE_RUN), return its folder."""
+    marker = output_dir.parent / f"{output_dir.name}.stalled"
     process = subprocess.Popen(
         [
             sys.executable,
             "-c",
             KILLABLE_RUN,
             str(marker),
-            str(KILL_AT),
+            where,
+            str(kill_at),
             *RUN,
             "--output_dir",
             str(output_dir),
@@ -101,6 +114,7 @@ def killed_run(tmp_path_factory) -> Path:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # the data-loader workers die with it
     )
     try:
         deadline = time.monotonic() + 240
@@ -108,9 +122,9 @@ def killed_run(tmp_path_factory) -> Path:
             if process.poll() is not None:
                 pytest.fail(f"the run ended before it was killed:\n{process.stderr.read()[-4000:]}")
             if time.monotonic() > deadline:
-                pytest.fail("the run did not reach the checkpoint save of step 4 in time")
+                pytest.fail(f"the run did not stall at step {kill_at} ({where}) in time")
             time.sleep(0.1)
-        os.kill(process.pid, signal.SIGKILL)
+        os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=30)
     finally:
         if process.poll() is None:
@@ -119,6 +133,43 @@ def killed_run(tmp_path_factory) -> Path:
         process.stderr.close()
     assert process.returncode == -signal.SIGKILL
     return output_dir
+
+
+@pytest.fixture(scope="module")
+def killed_run(tmp_path_factory) -> Path:
+    """A run SIGKILLed while writing its second checkpoint (checkpoint-4); the folder it left behind."""
+    return kill_run(tmp_path_factory.mktemp("killed") / "run", "save", KILL_AT)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory) -> Path:
+    output_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    main([*RUN, "--output_dir", str(output_dir)])
+    return output_dir
+
+
+def logged_losses(output_dir: Path) -> dict[int, float]:
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    return {entry["step"]: entry["loss"] for entry in history if "loss" in entry}
+
+
+def assert_same_run(resumed_dir: Path, uninterrupted_dir: Path) -> None:
+    """Every logged loss, the final weights and the last optimizer state are those of the uninterrupted run."""
+    for folder in (resumed_dir, uninterrupted_dir):
+        assert json.loads((folder / "trainer_state.json").read_text())["global_step"] == MAX_STEPS
+    resumed_losses, losses = logged_losses(resumed_dir), logged_losses(uninterrupted_dir)
+    assert sorted(resumed_losses) == sorted(losses) == list(range(1, MAX_STEPS + 1))
+    for step, loss in losses.items():
+        assert resumed_losses[step] == pytest.approx(loss, rel=1e-6, abs=1e-7), step
+    resumed_weights = load_file(resumed_dir / "model.safetensors")
+    for name, value in load_file(uninterrupted_dir / "model.safetensors").items():
+        torch.testing.assert_close(resumed_weights[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    last = f"checkpoint-{MAX_STEPS}"
+    resumed_optimizer = torch.load(resumed_dir / last / "optimizer.pt", weights_only=True)
+    uninterrupted_optimizer = torch.load(uninterrupted_dir / last / "optimizer.pt", weights_only=True)
+    for index, state in uninterrupted_optimizer["state"].items():
+        for key, value in state.items():
+            torch.testing.assert_close(resumed_optimizer["state"][index][key], value, rtol=1e-5, atol=1e-8)
 
 
 def test_kill_during_a_save_leaves_a_partial_checkpoint_that_is_skipped(killed_run):
@@ -163,7 +214,7 @@ def test_no_checkpoint_means_none(tmp_path):
 
 @pytest.mark.slow
 def test_resumed_run_continues_from_the_last_complete_checkpoint_and_ends_like_an_uninterrupted_run(
-    killed_run, tmp_path, monkeypatch
+    killed_run, uninterrupted_run, tmp_path, monkeypatch
 ):
     resumed_dir = shutil.copytree(killed_run, tmp_path / "resumed")
     saved_optimizer = torch.load(resumed_dir / "checkpoint-2" / "optimizer.pt", weights_only=True)
@@ -182,7 +233,7 @@ def test_resumed_run_continues_from_the_last_complete_checkpoint_and_ends_like_a
     main([*RUN, "--output_dir", str(resumed_dir), "--resume_from_checkpoint", "true"])
     monkeypatch.undo()
 
-    # It restarted from checkpoint-2 with exactly the optimizer state saved there.
+    # It restarted from checkpoint-2 (mid-epoch) with exactly the optimizer state saved there.
     assert loaded["checkpoint"] == str(resumed_dir / "checkpoint-2")
     assert loaded["step"] == 2
     assert loaded["optimizer"]["state"].keys() == saved_optimizer["state"].keys()
@@ -190,17 +241,15 @@ def test_resumed_run_continues_from_the_last_complete_checkpoint_and_ends_like_a
         for key, value in state.items():
             torch.testing.assert_close(loaded["optimizer"]["state"][index][key], value, rtol=0, atol=0)
 
-    uninterrupted_dir = tmp_path / "uninterrupted"
-    main([*RUN, "--output_dir", str(uninterrupted_dir)])
+    assert_same_run(resumed_dir, uninterrupted_run)
 
-    for folder in (resumed_dir, uninterrupted_dir):
-        assert json.loads((folder / "trainer_state.json").read_text())["global_step"] == MAX_STEPS
-    last = f"checkpoint-{MAX_STEPS}"
-    resumed_weights = load_file(resumed_dir / "model.safetensors")
-    for name, value in load_file(uninterrupted_dir / "model.safetensors").items():
-        torch.testing.assert_close(resumed_weights[name], value, rtol=1e-5, atol=1e-6, msg=name)
-    resumed_optimizer = torch.load(resumed_dir / last / "optimizer.pt", weights_only=True)
-    uninterrupted_optimizer = torch.load(uninterrupted_dir / last / "optimizer.pt", weights_only=True)
-    for index, state in uninterrupted_optimizer["state"].items():
-        for key, value in state.items():
-            torch.testing.assert_close(resumed_optimizer["state"][index][key], value, rtol=1e-5, atol=1e-8)
+
+@pytest.mark.slow
+def test_a_run_killed_mid_epoch_resumes_at_the_epoch_boundary_and_ends_like_an_uninterrupted_run(
+    uninterrupted_run, tmp_path
+):
+    # Killed inside step 5, the second step of epoch 1; checkpoint-4 closed epoch 0.
+    killed = kill_run(tmp_path / "run", "step", KILL_AT)
+    assert last_complete_checkpoint(killed) == str(killed / f"checkpoint-{KILL_AT}")
+    main([*RUN, "--output_dir", str(killed), "--resume_from_checkpoint", "true"])
+    assert_same_run(killed, uninterrupted_run)

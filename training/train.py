@@ -103,7 +103,9 @@ class DataArguments:
     mixup_prob: float = field(default=1.0)
     mixup_switch_prob: float = field(default=0.5)
     label_smoothing: float = field(default=0.1)
-    repeated_augmentations: int = field(default=1, metadata={"help": "DeiT uses 3 on multi-GPU runs."})
+    repeated_augmentations: int = field(
+        default=1, metadata={"help": "Copies of each image per epoch, each its own view (DeiT uses 3)."}
+    )
     on_corrupt_image: str = field(
         default="raise", metadata={"help": "raise, or skip (and count) bad images."}
     )
