@@ -18,7 +18,6 @@ from training.data import CorruptImageError, decode_image, load_image_dataset, s
 from training.transforms import (
     build_eval_transform,
     build_train_transform,
-    make_batch_transform,
     output_size,
     with_image_transform,
 )
@@ -255,11 +254,13 @@ def test_imagefolder_of_mixed_modes_comes_out_rgb_at_the_processor_size(image_fo
     clean, _ = scan_images(
         datasets.concatenate_datasets([dataset["train"], dataset["validation"]]), on_error="skip"
     )
-    batch = with_image_transform(clean, build_eval_transform(processor))[: len(clean)]
-    assert len(batch["pixel_values"]) == len(clean) == 10
-    for pixel_values in batch["pixel_values"]:
-        assert pixel_values.shape == (3, 32, 40) and pixel_values.dtype == torch.float32
-    assert batch["labels"] == clean["label"]
+    examples = with_image_transform(clean, build_eval_transform(processor)).__getitems__(
+        list(range(len(clean)))
+    )
+    assert len(examples) == len(clean) == 10
+    for example in examples:
+        assert example["pixel_values"].shape == (3, 32, 40) and example["pixel_values"].dtype == torch.float32
+    assert [example["labels"] for example in examples] == clean["label"]
 
 
 @pytest.mark.parametrize("preset", ["deit", "light"])
@@ -299,9 +300,13 @@ def test_unknown_preset_is_rejected(processor):
         build_train_transform(processor, "heavy")
 
 
-def test_batch_transform_decodes_pil_images_too(processor):
-    batch = make_batch_transform(build_eval_transform(processor))({"image": [make_image("L")], "label": [3]})
-    assert batch["labels"] == [3] and batch["pixel_values"][0].shape == (3, 32, 40)
+def test_image_examples_decode_pil_images_too(processor):
+    dataset = datasets.Dataset.from_dict(
+        {"image": [make_image("L")], "label": [3]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.Value("int64")}),
+    )
+    example = with_image_transform(dataset, build_eval_transform(processor))[0]
+    assert example["labels"] == 3 and example["pixel_values"].shape == (3, 32, 40)
 
 
 # ---------------------------------------------------------------- collator

@@ -85,32 +85,44 @@ def output_size(image_processor: BaseImageProcessor) -> tuple[int, int]:
     raise ValueError(f"Cannot tell the output size of the image processor from {size}.")
 
 
-def make_batch_transform(image_transform: ImageTransform) -> Callable[[dict[str, list]], dict[str, list]]:
-    """A `Dataset.with_transform` function: a batch `{"image", "label"}` -> `{"pixel_values", "labels"}`.
-
-    Images go through `decode_image` (every mode becomes RGB), then `image_transform`. Prefer
-    `with_image_transform`, which also hands the undecoded bytes to it, so that a corrupt image raises a
-    `CorruptImageError` naming its file instead of a bare PIL error from the column's own decoding.
-    """
-    return _BatchTransform(image_transform)
-
-
-def with_image_transform(dataset: datasets.Dataset, image_transform: ImageTransform) -> datasets.Dataset:
+def with_image_transform(dataset: datasets.Dataset, image_transform: ImageTransform) -> ImageExamples:
     """`dataset` yielding `{"pixel_values": (3, H, W) tensor, "labels": int}`, transformed on access."""
-    raw = dataset.cast_column("image", datasets.Image(decode=False))
-    return raw.with_transform(make_batch_transform(image_transform))
+    return ImageExamples(dataset, image_transform)
 
 
-class _BatchTransform:
-    # Classes rather than closures, so DataLoader workers can pickle them.
-    def __init__(self, image_transform: ImageTransform) -> None:
+class ImageExamples(torch.utils.data.Dataset):
+    """A dataset of `{"image", "label"}` rows served as `{"pixel_values", "labels"}` examples.
+
+    Rows are read in batches (`__getitems__`, one Arrow read per batch: per-row reads of a `datasets.Dataset`
+    cost about 250 us each) and transformed one by one, so that `SeededViews` can seed each example's
+    augmentation. Images are read undecoded and go through `decode_image` (every mode becomes RGB), so a corrupt
+    image raises a `CorruptImageError` naming its index and file rather than a bare PIL error.
+    """
+
+    def __init__(self, dataset: datasets.Dataset, image_transform: ImageTransform) -> None:
+        self.rows = dataset.select_columns(["image", "label"]).cast_column(
+            "image", datasets.Image(decode=False)
+        )
         self.image_transform = image_transform
 
-    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        return {
-            "pixel_values": [self.image_transform(decode_image(value)) for value in batch["image"]],
-            "labels": list(batch["label"]),
-        }
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def read(self, indices: list[int]) -> list[tuple[int, Any, int]]:
+        """The undecoded rows at `indices`, as `(index, image, label)`."""
+        batch = self.rows[indices]
+        return list(zip(indices, batch["image"], batch["label"], strict=True))
+
+    def transform(self, row: tuple[int, Any, int]) -> dict[str, Any]:
+        """One read row as a model input."""
+        index, image, label = row
+        return {"pixel_values": self.image_transform(decode_image(image, index)), "labels": label}
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.transform(self.read([index])[0])
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        return [self.transform(row) for row in self.read(indices)]
 
 
 class _ProcessorTransform:

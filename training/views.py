@@ -100,15 +100,26 @@ class SeededViews(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key: ViewKey | int) -> Any:
-        if not isinstance(
-            key, ViewKey
-        ):  # a plain index, e.g. from a user's own sampler: no augmentation seed
-            return self.dataset[key]
+        if not isinstance(key, ViewKey):
+            return self.dataset[key]  # a plain index, e.g. from a user's own sampler: no seed to draw from
         with seeded_global_rngs(view_seed(key)):
-            example = self.dataset[key.index]
-        if isinstance(example, dict):
-            example = {**example, "view": key}
-        return example
+            return self._with_key(self.dataset[key.index], key)
+
+    def __getitems__(self, keys: list[ViewKey]) -> list[Any]:
+        # Datasets that read rows in batches and transform them one by one (`ImageExamples`) keep their batched
+        # read; the seed only has to cover each example's transform.
+        batched = hasattr(self.dataset, "read") and hasattr(self.dataset, "transform")
+        if not batched or not all(isinstance(key, ViewKey) for key in keys):
+            return [self[key] for key in keys]
+        examples = []
+        for key, row in zip(keys, self.dataset.read([key.index for key in keys]), strict=True):
+            with seeded_global_rngs(view_seed(key)):
+                examples.append(self._with_key(self.dataset.transform(row), key))
+        return examples
+
+    @staticmethod
+    def _with_key(example: Any, key: ViewKey) -> Any:
+        return {**example, "view": key} if isinstance(example, dict) else example
 
 
 class ViewCollator:
