@@ -61,11 +61,14 @@ def read_run(run_dir: str | Path) -> Run:
 
 
 def code_files(run: Run) -> list[str]:
-    """The Python files `trust_remote_code` needs: each module named in `auto_map` and what it imports relatively."""
+    """The Python files `trust_remote_code` needs: each module named in `auto_map` or `custom_pipelines` (the
+    pipeline `attach_pipeline` adds) and what it imports relatively."""
     from transformers.dynamic_module_utils import get_relative_import_files
 
+    references = list((run.config.get("auto_map") or {}).values())
+    references += [task.get("impl") for task in (run.config.get("custom_pipelines") or {}).values()]
     modules = set()
-    for reference in (run.config.get("auto_map") or {}).values():
+    for reference in references:
         for ref in reference if isinstance(reference, list) else [reference]:
             # "other/repo--module.Class" points at code in another repo: nothing to ship from here.
             if ref and "--" not in ref:
@@ -73,7 +76,9 @@ def code_files(run: Run) -> list[str]:
     files = set(modules)
     for module in modules:
         if not (run.path / module).is_file():
-            raise FileNotFoundError(f"config.json's auto_map names {module}, which is not in {run.path}.")
+            raise FileNotFoundError(
+                f"config.json's auto_map or custom_pipelines names {module}, which is not in {run.path}."
+            )
         files.update(Path(f).name for f in get_relative_import_files(run.path / module))
     return sorted(files)
 

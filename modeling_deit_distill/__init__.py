@@ -21,6 +21,7 @@ from .modeling_deit_distill import (
     DeiTDistillModel,
     DeiTDistillPreTrainedModel,
 )
+from .pipeline_deit_distill import DeiTDistillImageClassificationPipeline, attach_pipeline, to_rgb
 
 AutoConfig.register(DeiTDistillConfig.model_type, DeiTDistillConfig, exist_ok=True)
 AutoModel.register(DeiTDistillConfig, DeiTDistillModel, exist_ok=True)
@@ -34,13 +35,16 @@ DeiTDistillForImageClassification.register_for_auto_class("AutoModelForImageClas
 __all__ = [
     "DeiTDistillConfig",
     "DeiTDistillForImageClassification",
+    "DeiTDistillImageClassificationPipeline",
     "DeiTDistillImageClassifierOutput",
     "DeiTDistillModel",
     "DeiTDistillPreTrainedModel",
+    "attach_pipeline",
     "build_image_processor",
     "from_timm",
     "from_transformers_deit",
     "from_transformers_state_dict",
+    "to_rgb",
     "to_transformers_deit",
     "to_transformers_vit",
 ]

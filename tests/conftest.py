@@ -179,6 +179,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from modeling_deit_distill import (
         DeiTDistillConfig,
         DeiTDistillForImageClassification,
+        attach_pipeline,
         build_image_processor,
     )
 
@@ -196,6 +197,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("tiny_model")
     DeiTDistillForImageClassification(config).save_pretrained(path)
     build_image_processor(config, crop_pct=1.0).save_pretrained(path)
+    attach_pipeline(path)
     return path
 
 

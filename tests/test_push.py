@@ -26,6 +26,7 @@ MODEL_FILES = {
     "configuration_deit_distill.py",
     "modeling_deit_distill.py",
     "image_processing.py",  # a relative import of the modeling file
+    "pipeline_deit_distill.py",  # the image-classification pipeline that decodes images as training does
     "preprocessor_config.json",
 }
 CARD_FILES = {"README.md", "training_curves.png"}

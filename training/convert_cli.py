@@ -21,6 +21,7 @@ from transformers import (
 
 from modeling_deit_distill import (
     DeiTDistillForImageClassification,
+    attach_pipeline,
     build_image_processor,
     from_timm,
     from_transformers_deit,
@@ -149,5 +150,8 @@ def run_convert(args: argparse.Namespace) -> Path:
         )
     output.save_pretrained(args.output)
     build_image_processor(model.config, crop_pct=args.crop_pct).save_pretrained(args.output)
+    if args.target_format == "deit-distill":
+        # The native copy must load without remote code, and a custom pipeline would require it.
+        attach_pipeline(args.output)
     print(f"Saved {type(output).__name__} and its image processor to {args.output}")
     return args.output

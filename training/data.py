@@ -2,7 +2,8 @@
 
 Every source comes out the same way: an `image` column (`datasets.Image`, decodes to PIL) and a `label`
 column (`datasets.ClassLabel`, with class names), whatever the source called them. Decoding goes through
-`decode_image`, which turns every image mode into RGB and names the file and index when an image is corrupt.
+`decode_image`, which turns every image mode into upright RGB with `to_rgb` (the function the saved pipeline
+uses, so inference sees the same pixels) and names the file and index when an image is corrupt.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from typing import Any
 import datasets
 import numpy as np
 from PIL import Image
+
+# One conversion for training, eval and the shipped pipeline; re-exported here as part of the data API.
+from modeling_deit_distill.pipeline_deit_distill import to_rgb
 
 FASHION_MNIST = "fashion_mnist"
 # Debian package `dataset-fashion-mnist`; the embedded default so the demo and tests run offline.
@@ -38,8 +42,6 @@ FASHION_MNIST_CLASSES = (
 _FASHION_MNIST_CACHE_VERSION = "1"
 # Split names taken as the evaluation split, in this order, when `eval_split` is not given.
 EVAL_SPLIT_CANDIDATES = ("validation", "valid", "val", "test")
-# 16-bit and 32-bit greyscale modes, rescaled to 8 bits by `to_rgb` rather than clipped.
-_HIGH_BIT_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
 class CorruptImageError(ValueError):
@@ -118,28 +120,8 @@ def load_image_dataset(
     return datasets.DatasetDict(splits)
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Convert any PIL image to RGB.
-
-    Transparent images (RGBA, LA, palette or greyscale with a transparent colour) are composited on white,
-    because transparent areas are background and dropping alpha would expose arbitrary (often black) colour.
-    16-bit greyscale is rescaled by its nominal range (65535 -> 255); 32-bit integer is taken as 16-bit when
-    its values exceed 255; float is taken as [0, 1] when its values stay within it. PIL's own conversion
-    would clip such images to near-white. Everything else (L, 1, CMYK, YCbCr, ...) uses PIL's conversion.
-    """
-    if image.mode == "RGB" and not image.has_transparency_data:
-        return image
-    if image.mode in _HIGH_BIT_DEPTH_MODES:
-        image = _to_8_bit_greyscale(image)
-    if image.has_transparency_data:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
 def decode_image(value: Any, index: int | None = None) -> Image.Image:
-    """Decode one value of an image column into an RGB PIL image.
+    """Decode one value of an image column into an upright RGB PIL image (`to_rgb`).
 
     Args:
         value: A PIL image, a `{"bytes", "path"}` dict (an `Image(decode=False)` column), or a file path.
@@ -252,15 +234,6 @@ def _load_fashion_mnist(directory: Path, cache_dir: str | None) -> datasets.Data
         # Another process finished first; its copy is identical.
         shutil.rmtree(partial, ignore_errors=True)
     return datasets.load_from_disk(str(target))
-
-
-def _to_8_bit_greyscale(image: Image.Image) -> Image.Image:
-    array = np.asarray(image, dtype=np.float64)
-    if image.mode.startswith("I;16") or (image.mode == "I" and array.max() > 255):
-        array = array / 257.0
-    elif image.mode == "F" and array.max() <= 1.0:
-        array = array * 255.0
-    return Image.fromarray(np.clip(np.rint(array), 0, 255).astype(np.uint8))
 
 
 def _read_idx(path: Path, expected_magic: int) -> np.ndarray:

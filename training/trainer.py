@@ -20,6 +20,8 @@ from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from modeling_deit_distill import attach_pipeline
+
 from .evaluation import build_compute_metrics
 from .losses import DistillationLoss
 from .optim import layer_decay_param_groups, no_decay_parameter_names
@@ -319,3 +321,10 @@ class DistillationTrainer(Trainer):
             if resume_from_checkpoint is None:
                 logger.warning("No complete checkpoint in %s; starting from scratch.", self.args.output_dir)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        super()._save(output_dir, state_dict=state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        # Every saved model (final or checkpoint) carries the pipeline that decodes images as training does.
+        if self.args.should_save and os.path.isfile(os.path.join(output_dir, "config.json")):
+            attach_pipeline(output_dir)
