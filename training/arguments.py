@@ -1,0 +1,322 @@
+"""The command-line arguments, defined once and shared by every command (`train`, `eval`, `cache-teacher`, ...).
+
+Each group is a dataclass parsed by `HfArgumentParser` (so `--foo_bar` and `--foo-bar` both work). `check_*`
+functions reject out-of-range values before anything is loaded or written, naming the flag.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import datasets
+
+from .data import load_image_dataset
+from .errors import MissingPathError, UserError
+from .transforms import TRAIN_PRESETS
+
+DISTILLATION_TYPES = ("none", "soft", "hard")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Checkpoint to start from: this project's, transformers' DeiT/ViT, timm deit_*/vit_* (a "
+            "timm/... id, a Hugging Face-layout folder or a state-dict file) for a student; any other "
+            "AutoModelForImageClassification (ResNet, ConvNeXt, RegNet, Swin, ...) or timm model is fine-tuned "
+            "as it is, e.g. a teacher. A new label set re-initialises the heads."
+        },
+    )
+    architecture: str | None = field(
+        default=None,
+        metadata={
+            "help": "From scratch: 'deit_distill' (the student, the default) or 'resnet' (a small convnet "
+            "teacher, transformers ResNet). With --model_name_or_path, leave it unset (the checkpoint decides) "
+            "or set 'deit_distill' to require a DeiT/ViT student."
+        },
+    )
+    variant: str = field(default="tiny", metadata={"help": "DeiT variant from scratch: tiny, small or base."})
+    config_overrides: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated config fields, e.g. 'hidden_size=96,num_hidden_layers=4,patch_size=4'."
+        },
+    )
+    image_size: int | None = field(
+        default=None,
+        metadata={"help": "Input resolution; resizes a DeiT checkpoint's position embedding."},
+    )
+    drop_path_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "Stochastic depth of the last block: 0.1 for DeiT students by default; for a pretrained "
+            "model, its own value unless set (an error for models without drop path)."
+        },
+    )
+    use_distillation_token: bool = field(
+        default=True, metadata={"help": "False trains a plain ViT (from scratch)."}
+    )
+    crop_pct: float | None = field(
+        default=None,
+        metadata={
+            "help": "Eval resize = image_size / crop_pct, then crop (0.875 from scratch; a checkpoint keeps "
+            "its image processor's)."
+        },
+    )
+    image_mean: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated; ImageNet's from scratch, the checkpoint's processor's otherwise."
+        },
+    )
+    image_std: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated; ImageNet's from scratch, the checkpoint's processor's otherwise."
+        },
+    )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "eager, sdpa, flash_attention_2, ...; the model's default (sdpa) when unset."},
+    )
+
+
+@dataclass
+class DataArguments:
+    """Where the data comes from: recorded with every run, so `eval RUN_DIR` sees exactly the run's split."""
+
+    dataset_name: str = field(
+        default="fashion_mnist",
+        metadata={
+            "help": "'fashion_mnist' (embedded), a local folder (imagefolder or data files) or a Hub id."
+        },
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
+    train_split: str = field(default="train")
+    eval_split: str | None = field(
+        default=None,
+        metadata={"help": "Defaults to validation/valid/val/test if present, else a held-out part of train."},
+    )
+    image_column: str = field(default="image")
+    label_column: str = field(default="label")
+    max_train_samples: int | None = field(
+        default=None, metadata={"help": "Stratified subset of the train split, fixed by the seed."}
+    )
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Stratified subset of the eval split, fixed by the seed."}
+    )
+    eval_fraction: float = field(
+        default=0.1,
+        metadata={"help": "Share of train held out for evaluation when the dataset has no eval split."},
+    )
+    on_corrupt_image: str = field(
+        default="raise", metadata={"help": "raise, or skip (and count) bad images."}
+    )
+    verify_images: bool = field(
+        default=True,
+        metadata={
+            "help": "Decode every image once before training, so a bad file fails (or is skipped) before the "
+            "first step. Turn off for very large datasets: a bad image then raises an error naming its file "
+            "when it is read. Skipping needs verification."
+        },
+    )
+
+    def load(self, seed: int, cache_dir: str | None = None) -> datasets.DatasetDict:
+        """The "train" and "validation" splits these arguments describe (held-out split and subsets by `seed`)."""
+        return load_image_dataset(
+            self.dataset_name,
+            config_name=self.dataset_config,
+            train_split=self.train_split,
+            eval_split=self.eval_split,
+            image_column=self.image_column,
+            label_column=self.label_column,
+            train_subset=self.max_train_samples,
+            eval_subset=self.max_eval_samples,
+            eval_fraction=self.eval_fraction,
+            seed=seed,
+            cache_dir=cache_dir,
+        )
+
+
+@dataclass
+class AugmentationArguments:
+    augmentation: str = field(default="deit", metadata={"help": "deit (the paper's), light or none."})
+    mixup: float = field(default=0.8, metadata={"help": "Mixup alpha; 0 disables."})
+    cutmix: float = field(default=1.0, metadata={"help": "CutMix alpha; 0 disables."})
+    mixup_prob: float = field(default=1.0, metadata={"help": "Probability of mixing a batch."})
+    mixup_switch_prob: float = field(default=0.5, metadata={"help": "Probability of CutMix over Mixup."})
+    label_smoothing: float = field(default=0.1)
+    repeated_augmentations: int = field(
+        default=1, metadata={"help": "Copies of each image per epoch, each its own view (DeiT uses 3)."}
+    )
+
+
+@dataclass
+class DistillationArguments:
+    teacher: str | None = field(
+        default=None, metadata={"help": "Teacher: a run directory, a saved model or a Hub id (timm/... too)."}
+    )
+    distillation_type: str = field(default="hard", metadata={"help": "none, soft or hard."})
+    alpha: float = field(default=0.5, metadata={"help": "Weight of the distillation term, in [0, 1]."})
+    tau: float = field(default=1.0, metadata={"help": "Temperature of soft distillation (> 0)."})
+    kl_reduction: str = field(default="numel", metadata={"help": "numel (official DeiT) or batchmean."})
+    scale_lr: bool = field(
+        default=False, metadata={"help": "lr = learning_rate * global_batch / 512 (the DeiT recipe)."}
+    )
+    layer_decay: float | None = field(
+        default=None,
+        metadata={"help": "Layer-wise lr decay for fine-tuning, e.g. 0.65 (lr * decay**(L-i))."},
+    )
+
+
+@dataclass
+class RunArguments:
+    """What happens to the run's output folder and how its card describes it."""
+
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace a finished run in --output_dir (otherwise an error; resuming is separate)."
+        },
+    )
+    card_dataset_id: str | None = field(
+        default=None, metadata={"help": "Hub dataset id for the card's metadata (a local dataset has none)."}
+    )
+    card_teacher_id: str | None = field(
+        default=None,
+        metadata={"help": "Hub model id of the teacher for the card (a local teacher has none)."},
+    )
+    card_base_model: str | None = field(
+        default=None,
+        metadata={"help": "Hub model id of the starting checkpoint for the card (a local one has none)."},
+    )
+
+
+def dataclass_from_dict(cls: type, values: dict[str, Any]) -> Any:
+    """`cls(**values)` keeping only the fields `cls` has (a run record holds more)."""
+    names = {f.name for f in fields(cls)}
+    return cls(**{key: value for key, value in values.items() if key in names})
+
+
+def _check(condition: bool, flag: str, message: str) -> None:
+    if not condition:
+        raise UserError(f"--{flag} {message}")
+
+
+def check_data_arguments(args: DataArguments) -> None:
+    for flag in ("max_train_samples", "max_eval_samples"):
+        value = getattr(args, flag)
+        _check(value is None or value >= 1, flag, f"must be a positive number of images, got {value}.")
+    _check(0 < args.eval_fraction < 1, "eval_fraction", f"must be in (0, 1), got {args.eval_fraction}.")
+    _check(
+        args.on_corrupt_image in ("raise", "skip"),
+        "on_corrupt_image",
+        f"must be 'raise' or 'skip', got {args.on_corrupt_image!r}.",
+    )
+    _check(
+        args.verify_images or args.on_corrupt_image != "skip",
+        "on_corrupt_image",
+        "skip needs --verify_images true (bad images are found by the scan).",
+    )
+    name = args.dataset_name
+    # "./x", "/x", "~/x" and "a/b/c" can only be folders; "a/b" may also be a Hub id (checked when loading).
+    if (name.startswith((".", "/", "~")) or name.count("/") > 1) and not os.path.exists(
+        os.path.expanduser(name)
+    ):
+        raise MissingPathError(
+            f"--dataset_name {name}: no such folder. Give an existing folder of images (one sub-folder per "
+            "class) or of data files, or a Hub dataset id."
+        )
+
+
+def check_training_arguments(
+    model_args: ModelArguments,
+    augmentation_args: AugmentationArguments,
+    distill_args: DistillationArguments,
+    training_args: Any,
+) -> None:
+    """Out-of-range values and impossible combinations, each naming its flag."""
+    _check(
+        training_args.learning_rate > 0, "learning_rate", f"must be > 0, got {training_args.learning_rate}."
+    )
+    _check(
+        training_args.max_steps > 0 or training_args.num_train_epochs > 0,
+        "num_train_epochs",
+        f"must be > 0 (or set --max_steps), got {training_args.num_train_epochs}.",
+    )
+    for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        value = getattr(training_args, flag)
+        _check(value >= 1, flag, f"must be >= 1, got {value}.")
+    _check(
+        training_args.weight_decay >= 0, "weight_decay", f"must be >= 0, got {training_args.weight_decay}."
+    )
+    if model_args.image_size is not None:
+        _check(
+            model_args.image_size >= 1, "image_size", f"must be a positive size, got {model_args.image_size}."
+        )
+    if model_args.crop_pct is not None:
+        _check(0 < model_args.crop_pct <= 1, "crop_pct", f"must be in (0, 1], got {model_args.crop_pct}.")
+    if model_args.drop_path_rate is not None:
+        _check(
+            0 <= model_args.drop_path_rate < 1,
+            "drop_path_rate",
+            f"must be in [0, 1), got {model_args.drop_path_rate}.",
+        )
+    _check(
+        model_args.architecture in (None, "deit_distill", "resnet"),
+        "architecture",
+        f"must be 'deit_distill' or 'resnet', got {model_args.architecture!r}.",
+    )
+    if model_args.architecture == "resnet" and model_args.model_name_or_path:
+        raise UserError(
+            "--architecture resnet builds a teacher from scratch; to fine-tune "
+            f"{model_args.model_name_or_path}, leave --architecture unset."
+        )
+    _check(
+        augmentation_args.augmentation in TRAIN_PRESETS,
+        "augmentation",
+        f"must be one of {', '.join(TRAIN_PRESETS)}, got {augmentation_args.augmentation!r}.",
+    )
+    for flag in ("mixup", "cutmix"):
+        value = getattr(augmentation_args, flag)
+        _check(value >= 0, flag, f"alpha must be >= 0 (0 disables it), got {value}.")
+    for flag in ("mixup_prob", "mixup_switch_prob"):
+        value = getattr(augmentation_args, flag)
+        _check(0 <= value <= 1, flag, f"must be in [0, 1], got {value}.")
+    smoothing = augmentation_args.label_smoothing
+    _check(0 <= smoothing < 1, "label_smoothing", f"must be in [0, 1), got {smoothing}.")
+    repeats = augmentation_args.repeated_augmentations
+    _check(repeats >= 1, "repeated_augmentations", f"must be >= 1, got {repeats}.")
+    _check(
+        distill_args.distillation_type in DISTILLATION_TYPES,
+        "distillation_type",
+        f"must be one of {', '.join(DISTILLATION_TYPES)}, got {distill_args.distillation_type!r}.",
+    )
+    _check(0 <= distill_args.alpha <= 1, "alpha", f"must be in [0, 1], got {distill_args.alpha}.")
+    _check(distill_args.tau > 0, "tau", f"must be > 0, got {distill_args.tau}.")
+    _check(
+        distill_args.kl_reduction in ("numel", "batchmean"),
+        "kl_reduction",
+        f"must be 'numel' or 'batchmean', got {distill_args.kl_reduction!r}.",
+    )
+    if distill_args.layer_decay is not None:
+        _check(
+            0 < distill_args.layer_decay <= 1,
+            "layer_decay",
+            f"must be in (0, 1], got {distill_args.layer_decay}.",
+        )
+    if distill_args.distillation_type != "none" and not distill_args.teacher:
+        raise UserError(
+            f"--distillation_type {distill_args.distillation_type} needs --teacher (a run directory, a saved "
+            "model or a Hub id), or use --distillation_type none."
+        )
+    teacher = distill_args.teacher
+    if (
+        teacher
+        and (teacher.startswith((".", "/", "~")) or os.path.isabs(teacher))
+        and not os.path.exists(teacher)
+    ):
+        raise MissingPathError(f"--teacher {teacher}: no such folder. Train or download the teacher first.")

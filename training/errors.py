@@ -1,0 +1,11 @@
+"""Errors a user can fix: the command line prints them as one line (`deit-distill: error: ...`), no traceback."""
+
+from __future__ import annotations
+
+
+class UserError(ValueError):
+    """An expected user error: a bad flag or value, a missing file. The message names the flag or file and the fix."""
+
+
+class MissingPathError(UserError, FileNotFoundError):
+    """A file or folder the user named does not exist."""
