@@ -50,6 +50,7 @@ def test_gpu_check_smoke(tmp_path: Path) -> None:
     feed = results["data_feed"]
     assert [row["workers"] for row in feed["rows"]] == [0, 2]
     assert all(row["images_per_s"] > 0 for row in feed["rows"])
+    assert set(feed["per_image_ms_one_thread"]) == {"decode", "decode + transform"}
     assert len(feed["step_rates"]) == sum(row["mode"] != "teacher only" for row in training["rows"])
 
     (row,) = results["inference"]["rows"]
