@@ -14,8 +14,6 @@ transformers, and its sibling files (the configuration and the image-processor b
 imports.
 """
 
-from __future__ import annotations
-
 import os
 import re
 from collections.abc import Callable
