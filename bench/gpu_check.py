@@ -1,4 +1,4 @@
-"""Everything the GPU path needs checked, in one run that fits a short GPU lease (under 8 minutes on one H100).
+"""Everything the GPU path needs checked, in one run that fits a short GPU lease (about 2 minutes on one H100).
 
     python bench/gpu_check.py --out gpu_results          # on a CUDA machine
     python bench/gpu_check.py --smoke --out /tmp/smoke   # on the CPU, in seconds (what the tests run)
