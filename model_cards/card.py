@@ -9,18 +9,19 @@ Metadata choices:
   accuracy") with `args: {top_k: k}`; values are fractions, as in `eval_results.json`. The teacher's accuracy on
   the same split is listed too, under a name that says it is the teacher's. The index needs a dataset id, so a
   run that did not record `data.dataset_name` gets its results in the body only.
-- A teacher given as a Hub model id becomes `base_model`; a local path or a description goes to `teacher_model`,
-  since the Hub only accepts model ids in `base_model`.
+- Metadata holds Hub ids only, from the run record's `card` section: `base_model` is the checkpoint the run
+  started from, `datasets` the dataset, `teacher_model` the teacher (each set by `train` when it was a Hub id, or
+  by `--card_base_model`, `--card_dataset_id`, `--card_teacher_id`). Local paths appear in the body only.
 """
 
 from __future__ import annotations
 
-import os
-import re
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from training.data import EVAL_SPLIT_CANDIDATES
 
 from .plot import has_training_curves, plot_training_curves
 from .run import PREPROCESSOR_FILE, Run, code_files, read_run
@@ -30,7 +31,6 @@ PLOT_FILE = "training_curves.png"
 TEMPLATE = Path(__file__).with_name("template.md")
 TAGS = ["deit", "distillation", "vision-transformer", "image-classification"]
 HEADS = {"cls": "CLS head", "dist": "DIST head", "avg": "CLS+DIST average", "teacher": "Teacher"}
-_HUB_MODEL_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 # Label of each recorded setting, in display order; settings not listed here follow under their own key.
 DISTILLATION_LABELS = {
@@ -49,15 +49,22 @@ DATA_LABELS = {
     "label_smoothing": "label smoothing",
 }
 # Shown elsewhere: the dataset in its own row, the eval split with the results.
-_DATA_SHOWN_ELSEWHERE = ("dataset_name", "dataset_config", "eval_split", "num_eval_examples")
+_DATA_SHOWN_ELSEWHERE = (
+    "dataset_name",
+    "dataset_config",
+    "eval_split",
+    "eval_split_used",
+    "num_eval_examples",
+)
 TRAINING_LABELS = {
     "learning_rate": "learning rate",
     "per_device_train_batch_size": "batch size per device",
     "gradient_accumulation_steps": "gradient accumulation steps",
     "world_size": "processes",
     "global_batch_size": "global batch size",
-    "num_train_epochs": "epochs",
-    "max_steps": "max steps",
+    "layer_decay": "layer-wise lr decay",
+    "epochs": "epochs trained",
+    "steps": "optimizer steps",
     "weight_decay": "weight decay",
     "warmup_steps": "warmup steps",
     "warmup_ratio": "warmup ratio",
@@ -68,11 +75,6 @@ TRAINING_LABELS = {
 }
 # Soft-only settings: a hard or label-only run may record them, but they did not act.
 _SOFT_ONLY = ("tau", "kl_reduction")
-
-
-def is_hub_model_id(name: str) -> bool:
-    """`namespace/name` that is not a path on this machine (a relative path can look like an id)."""
-    return bool(_HUB_MODEL_ID.match(name)) and not os.path.exists(name)
 
 
 def _value(value: Any) -> str:
@@ -105,6 +107,10 @@ class _Facts:
         self.data = run.section("data")
         self.distillation = run.section("distillation")
         self.dataset = self.data.get("dataset_name")
+        card = run.section("card")
+        self.dataset_id = card.get("dataset_id")
+        self.teacher_id = card.get("teacher_id")
+        self.base_model = card.get("base_model")
         self.teacher = self.distillation.get("teacher")
         self.kind = self.distillation.get("distillation_type")
         self.metrics = run.metrics or {}
@@ -119,16 +125,19 @@ class _Facts:
         return f"Teacher ({self.teacher})" if head == "teacher" and self.teacher else HEADS[head]
 
     def eval_results(self) -> list[EvalResult]:
-        if not self.dataset:
+        if not self.dataset_id:
             return []
+        split = self.data.get("eval_split_used") or self.data.get("eval_split")
+        if split and split not in (self.data.get("eval_split"), *EVAL_SPLIT_CANDIDATES):
+            split = None  # a part held out of the train split is no split of the Hub dataset
         return [
             EvalResult(
                 task_type="image-classification",
                 task_name="Image Classification",
-                dataset_type=self.dataset,
-                dataset_name=self.dataset,
+                dataset_type=self.dataset_id,
+                dataset_name=self.dataset_id,
                 dataset_config=self.data.get("dataset_config"),
-                dataset_split=self.data.get("eval_split"),
+                dataset_split=split,
                 metric_type="accuracy",
                 metric_value=self.accuracy(head, k),
                 metric_name=f"{self.head_label(head)} top-{k} accuracy",
@@ -144,7 +153,8 @@ class _Facts:
         return f"`{self.dataset}`" + (f" (config `{config}`)" if config else "")
 
     def evaluated_on(self) -> str:
-        split, size = self.data.get("eval_split"), self.data.get("num_eval_examples")
+        split = self.data.get("eval_split_used") or self.data.get("eval_split")
+        size = self.data.get("num_eval_examples")
         text = f"the `{split}` split of " if split else ""
         text += self.dataset_text() if self.dataset else "the run's evaluation data"
         return text + (f", {_value(size)} images" if size else "")
@@ -219,10 +229,7 @@ class _Facts:
     def training_rows(self) -> list[tuple[str, str]]:
         rows = [("dataset", self.dataset_text())] if self.dataset else []
         rows += _rows(self.data, DATA_LABELS, skip=_DATA_SHOWN_ELSEWHERE)
-        training = dict(self.run.section("training"))
-        if isinstance(training.get("max_steps"), int) and training["max_steps"] <= 0:
-            del training["max_steps"]  # Trainer's "not set": the epochs decide
-        rows += _rows(training, TRAINING_LABELS)
+        rows += _rows(self.run.section("training"), TRAINING_LABELS)
         if self.run.info.get("hardware"):
             rows.append(("hardware", str(self.run.info["hardware"])))
         return rows
@@ -243,9 +250,10 @@ class _Facts:
             )
         if isinstance(self.metrics.get("eval_loss"), (int, float)):
             notes.append(f"Eval loss: {self.metrics['eval_loss']}.")
-        if self.results() and not self.dataset:
+        if self.results() and not self.dataset_id:
             notes.append(
-                "The run did not record its dataset, so these results are not in the card's `model-index`."
+                "The dataset has no Hub id (a local dataset, or a run that did not record it), so these results "
+                "are not in the card's `model-index`."
             )
         return notes
 
@@ -291,19 +299,18 @@ def generate_model_card(
     (`native_repo_id` defaults to `repo_id`, `native_revision` to the main branch)."""
     run = read_run(run_dir)
     facts = _Facts(run, repo_id)
-    teacher_is_id = bool(facts.teacher) and is_hub_model_id(facts.teacher)
     eval_results = facts.eval_results()
     card_data = ModelCardData(
         license=run.info.get("license") or "apache-2.0",
         library_name="transformers",
         pipeline_tag="image-classification",
         tags=TAGS,
-        datasets=[facts.dataset] if facts.dataset else None,
-        base_model=facts.teacher if teacher_is_id else None,
+        datasets=[facts.dataset_id] if facts.dataset_id else None,
+        base_model=facts.base_model,
         metrics=["accuracy"] if eval_results else None,
         model_name=facts.model_name if eval_results else None,  # the model-index's name; alone it is noise
         eval_results=eval_results or None,
-        teacher_model=facts.teacher if facts.teacher and not teacher_is_id else None,
+        teacher_model=facts.teacher_id,
     )
     repo = repo_id or f"<your-namespace>/{facts.model_name}"
     native_repo = (native_repo_id or repo) if (native_repo_id or native_revision) else None

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from training.run_record import EVAL_RESULTS_FILE, RUN_RECORD_FILE
+
 CONFIG_FILE = "config.json"
 PREPROCESSOR_FILE = "preprocessor_config.json"
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX_FILE = "model.safetensors.index.json"
-RUN_INFO_FILE = "deit_distill_run.json"
-EVAL_RESULTS_FILE = "eval_results.json"
 TRAINER_STATE_FILE = "trainer_state.json"
 
 
@@ -48,13 +48,13 @@ def read_run(run_dir: str | Path) -> Run:
         raise FileNotFoundError(f"{path} is not a saved model: it has no {CONFIG_FILE}.")
     optional = {
         name: _read_json(path / name) if (path / name).is_file() else None
-        for name in (RUN_INFO_FILE, EVAL_RESULTS_FILE, TRAINER_STATE_FILE)
+        for name in (RUN_RECORD_FILE, EVAL_RESULTS_FILE, TRAINER_STATE_FILE)
     }
     state = optional[TRAINER_STATE_FILE] or {}
     return Run(
         path=path,
         config=_read_json(path / CONFIG_FILE),
-        info=optional[RUN_INFO_FILE] or {},
+        info=optional[RUN_RECORD_FILE] or {},
         metrics=optional[EVAL_RESULTS_FILE],
         log_history=state.get("log_history") or [],
     )

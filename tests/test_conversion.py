@@ -33,7 +33,7 @@ from modeling_deit_distill import (
     to_transformers_deit,
     to_transformers_vit,
 )
-from training.convert_cli import add_convert_arguments, run_convert
+from training.commands.convert import build_parser, run_convert
 
 # Odd on purpose: patch 8, 3 heads of 32, MLP ratio 2, 5 labels; plus no qkv bias and a non-square image.
 SHAPES = {
@@ -342,9 +342,7 @@ def test_transformers_base_model_is_rejected():
 
 
 def _cli(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_convert_arguments(parser)
-    return parser.parse_args(argv)
+    return build_parser().parse_args(argv)
 
 
 def test_cli_converts_a_timm_checkpoint_file_and_a_named_timm_model(tmp_path):

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from training.cli import main as cli
+from training.commands.cli import main as cli
+from training.commands.demo import main as demo
 from training.data import FASHION_MNIST_DIR
-from training.demo import main as demo
 
 pytestmark = pytest.mark.skipif(
     not (Path(FASHION_MNIST_DIR) / "train-images-idx3-ubyte.gz").exists(),

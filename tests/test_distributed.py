@@ -30,8 +30,8 @@ from safetensors.torch import load_file
 from transformers import ResNetConfig, ResNetForImageClassification
 
 from modeling_deit_distill import build_image_processor
+from training.commands.train import main
 from training.data import FASHION_MNIST_CLASSES
-from training.train import main
 
 ROOT = Path(__file__).resolve().parent.parent
 GLOBAL_BATCH, STEPS = 32, 4

@@ -297,12 +297,9 @@ def test_the_trainer_attaches_the_pipeline_to_every_model_it_saves(parity, tmp_p
 
 
 def test_convert_attaches_the_pipeline_to_ours_and_not_to_the_native_copy(parity, tmp_path):
-    import argparse
+    from training.commands.convert import build_parser, run_convert
 
-    from training.convert_cli import add_convert_arguments, run_convert
-
-    parser = argparse.ArgumentParser()
-    add_convert_arguments(parser)
+    parser = build_parser()
     for target, attached in (("deit-distill", True), ("transformers", False)):
         output = tmp_path / target
         argv = ["--from", "deit-distill", "--source", str(parity.models["deit"]), "--output", str(output)]

@@ -259,7 +259,7 @@ def test_cli_push_and_card_commands_reach_the_hub(make_run, hub_client, hub_serv
     run = make_run("cli-run")
     script = """
         import json, sys
-        from training.cli import main
+        from training.commands.cli import main
         main(["card", PARAMS["run"]])
         main(["push", PARAMS["run"], "--repo-id", PARAMS["repo"], "--push-native", "native"])
         print(json.dumps("done"))

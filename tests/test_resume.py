@@ -25,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from training.train import main
+from training.commands.train import main
 from training.trainer import DistillationTrainer, last_complete_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,7 +63,7 @@ KILLABLE_RUN = textwrap.dedent(
     """
     import sys, time
     from training.trainer import DistillationTrainer
-    from training.train import main
+    from training.commands.train import main
 
     marker, where, kill_at, argv = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
     save, step = DistillationTrainer._save_optimizer_and_scheduler, DistillationTrainer.training_step

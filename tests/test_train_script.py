@@ -20,18 +20,17 @@ import pytest
 import torch
 from transformers import AutoImageProcessor, AutoModelForImageClassification, ResNetConfig
 
-from training.data import FASHION_MNIST_CLASSES, load_image_dataset, to_rgb
-from training.train import (
+from training.arguments import (
+    AugmentationArguments,
     DataArguments,
     DistillationArguments,
     ModelArguments,
-    _overrides,
-    build_model,
-    main,
-    parse_args,
-    recipe_to_argv,
-    scaled_learning_rate,
+    RunArguments,
 )
+from training.commands.train import main, parse_args, recipe_to_argv, scaled_learning_rate
+from training.data import FASHION_MNIST_CLASSES, load_image_dataset, to_rgb
+from training.models import build_model
+from training.models import parse_config_overrides as _overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted((ROOT / "training" / "recipes").glob("*.json"))
@@ -97,7 +96,7 @@ def test_recipe_becomes_flags_and_later_flags_override_it(tmp_path):
         "--output_dir", str(tmp_path / "from_recipe"),
     ]  # fmt: skip
 
-    model_args, _, distill_args, training_args = parse_args(
+    model_args, _, _, distill_args, _, training_args = parse_args(
         [
             str(recipe),
             "--learning_rate",
@@ -145,7 +144,7 @@ def test_config_overrides_keep_list_values_whole():
     }
     model = build_model(
         ModelArguments(architecture="resnet", config_overrides=text, image_size=28), {0: "a", 1: "b"}
-    )
+    ).model
     assert isinstance(model.config, ResNetConfig)
     assert (model.config.hidden_sizes, model.config.depths, model.config.layer_type) == (
         [16, 32],
@@ -161,7 +160,13 @@ def test_config_overrides_keep_list_values_whole():
 def test_every_recipe_parses_into_the_dataclasses(recipe, tmp_path):
     # The recipes ask for bf16, which TrainingArguments rejects on a machine without a GPU unless use_cpu is set.
     parsed = parse_args([str(recipe), "--output_dir", str(tmp_path), "--use_cpu", "true"])
-    assert [type(group) for group in parsed[:3]] == [ModelArguments, DataArguments, DistillationArguments]
+    assert [type(group) for group in parsed[:5]] == [
+        ModelArguments,
+        DataArguments,
+        AugmentationArguments,
+        DistillationArguments,
+        RunArguments,
+    ]
     for key, value in json.loads(recipe.read_text()).items():
         if key.startswith("_") or key == "output_dir":
             continue

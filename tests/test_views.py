@@ -269,7 +269,7 @@ def test_any_number_of_workers_gives_the_same_batches(deit_views):
 
 @pytest.mark.slow
 def test_training_with_0_1_or_2_workers_logs_the_same_losses(tmp_path):
-    from training.train import main
+    from training.commands.train import main
 
     run = [
         "--config_overrides", "patch_size=7,hidden_size=24,num_hidden_layers=1,num_attention_heads=2",

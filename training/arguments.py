@@ -6,17 +6,19 @@ functions reject out-of-range values before anything is loaded or written, namin
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import datasets
 
-from .data import load_image_dataset
+from .data import CorruptImageError, load_image_dataset, scan_images
 from .errors import MissingPathError, UserError
 from .transforms import TRAIN_PRESETS
 
 DISTILLATION_TYPES = ("none", "soft", "hard")
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -125,20 +127,61 @@ class DataArguments:
     )
 
     def load(self, seed: int, cache_dir: str | None = None) -> datasets.DatasetDict:
-        """The "train" and "validation" splits these arguments describe (held-out split and subsets by `seed`)."""
+        """The "train" and "validation" splits these arguments describe (held-out split and subsets by `seed`),
+        with undecodable images dealt with as `on_corrupt_image` says when `verify_images` is on.
+
+        This is the one data path: `train`, `eval` and the teacher cache all load through it.
+        """
+        dataset = _load_or_explain(self, seed, cache_dir)
+        for split in dataset if self.verify_images else ():
+            dataset[split], skipped = scan_images(dataset[split], on_error=self.on_corrupt_image)
+            if skipped:
+                logger.warning("Skipped %d undecodable images in the %s split.", skipped, split)
+        return dataset
+
+
+def _load_or_explain(args: DataArguments, seed: int, cache_dir: str | None) -> datasets.DatasetDict:
+    name = args.dataset_name
+    if os.path.isdir(os.path.expanduser(name)):
+        check_class_folders(os.path.expanduser(name))
+    try:
         return load_image_dataset(
-            self.dataset_name,
-            config_name=self.dataset_config,
-            train_split=self.train_split,
-            eval_split=self.eval_split,
-            image_column=self.image_column,
-            label_column=self.label_column,
-            train_subset=self.max_train_samples,
-            eval_subset=self.max_eval_samples,
-            eval_fraction=self.eval_fraction,
+            name,
+            config_name=args.dataset_config,
+            train_split=args.train_split,
+            eval_split=args.eval_split,
+            image_column=args.image_column,
+            label_column=args.label_column,
+            train_subset=args.max_train_samples,
+            eval_subset=args.max_eval_samples,
+            eval_fraction=args.eval_fraction,
             seed=seed,
             cache_dir=cache_dir,
         )
+    except (UserError, CorruptImageError):
+        raise
+    except ValueError as error:  # the loader's own messages name the split, column or flag
+        raise UserError(str(error)) from error
+    except FileNotFoundError as error:
+        raise MissingPathError(str(error)) from error
+    except Exception as error:
+        if os.path.exists(os.path.expanduser(name)) or name == "fashion_mnist":
+            raise
+        # `datasets` reports a missing local folder as a Hub lookup failure (a connection error when offline).
+        raise UserError(
+            f"--dataset_name {name}: not a local folder, and the Hub could not provide it "
+            f"({type(error).__name__}: {str(error).splitlines()[0][:200]}). Check the path or the dataset id."
+        ) from error
+
+
+def check_class_folders(root: str) -> None:
+    """An imagefolder silently drops an empty class folder (one class fewer); refuse it instead."""
+    for folder, subfolders, files in os.walk(root):
+        if not subfolders and not files and folder != root:
+            raise UserError(
+                f"--dataset_name {root}: the folder {folder} is empty, so its class would be dropped. Add its "
+                "images or remove it."
+            )
 
 
 @dataclass

@@ -8,16 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
-import torch
-from transformers import (
-    AutoConfig,
-    DeiTForImageClassification,
-    DeiTForImageClassificationWithTeacher,
-    PreTrainedModel,
-    ViTForImageClassification,
-)
+from transformers import AutoConfig, PreTrainedModel
 
 from modeling_deit_distill import (
     DeiTDistillForImageClassification,
@@ -28,15 +22,14 @@ from modeling_deit_distill import (
     to_transformers_deit,
     to_transformers_vit,
 )
+from training.checkpoints import TRANSFORMERS_STUDENT_CLASSES, load_state_dict_file
+from training.errors import MissingPathError, UserError
 
-_TRANSFORMERS_CLASSES = {
-    cls.__name__: cls
-    for cls in (DeiTForImageClassificationWithTeacher, DeiTForImageClassification, ViTForImageClassification)
-}
+from .flags import add_flag
 
 
-def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
-    """Register the `convert` sub-command's arguments on `parser`."""
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deit-distill convert", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--from",
         dest="source_format",
@@ -44,15 +37,14 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("transformers", "timm", "deit-distill"),
         help="Format of --source.",
     )
-    parser.add_argument(
-        "--source",
+    add_flag(
+        parser,
+        "source",
         required=True,
         help="transformers: model dir or cached Hub id; timm: model name (e.g. deit_tiny_distilled_patch16_224) "
         "or a checkpoint file; deit-distill: a saved model dir.",
     )
-    parser.add_argument(
-        "--output", required=True, type=Path, help="Directory for the model and image processor."
-    )
+    add_flag(parser, "output", required=True, type=Path, help="Directory for the model and image processor.")
     parser.add_argument(
         "--to",
         dest="target_format",
@@ -61,50 +53,40 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
         help="'transformers' writes a native DeiTForImageClassificationWithTeacher (or ViTForImageClassification "
         "without distillation token) that loads without trust_remote_code.",
     )
-    parser.add_argument(
-        "--checkpoint", type=Path, help="timm: local .pth/.safetensors weights for a model name."
+    add_flag(parser, "checkpoint", type=Path, help="timm: local .pth/.safetensors weights for a model name.")
+    add_flag(
+        parser,
+        "num_attention_heads",
+        type=int,
+        help="timm checkpoint files: heads per block (Ti/S/B: 3/6/12).",
     )
-    parser.add_argument(
-        "--num-attention-heads", type=int, help="timm checkpoint files: heads per block (Ti/S/B: 3/6/12)."
-    )
-    parser.add_argument(
-        "--image-size",
+    add_flag(
+        parser,
+        "image_size",
         nargs=2,
         type=int,
         metavar=("HEIGHT", "WIDTH"),
         help="timm checkpoint files whose position embedding is not a square grid: the input resolution.",
     )
-    parser.add_argument("--id2label", type=Path, help="JSON file mapping class index to label name.")
-    parser.add_argument(
-        "--crop-pct", type=float, default=0.875, help="Eval resize ratio of the saved processor."
-    )
-
-
-def load_checkpoint(path: Path) -> dict[str, torch.Tensor]:
-    """Weights from a .safetensors or torch file; unwraps the `{"model": ...}` of official DeiT checkpoints."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("model", "state_dict"):
-        if isinstance(checkpoint.get(key), dict):
-            return checkpoint[key]
-    return checkpoint
+    add_flag(parser, "id2label", type=Path, help="JSON file mapping class index to label name.")
+    add_flag(parser, "crop_pct", type=float, default=0.875, help="Eval resize ratio of the saved processor.")
+    return parser
 
 
 def _from_timm(args: argparse.Namespace) -> DeiTDistillForImageClassification:
     source = Path(args.source)
     if source.is_file():
         overrides = {"num_attention_heads": args.num_attention_heads, "image_size": args.image_size}
-        return from_timm(load_checkpoint(source), **{k: v for k, v in overrides.items() if v is not None})
+        return from_timm(
+            load_state_dict_file(source), **{k: v for k, v in overrides.items() if v is not None}
+        )
     if args.checkpoint is None:
-        raise SystemExit(
+        raise UserError(
             f"--from timm --source {args.source} needs --checkpoint FILE: weights are never downloaded."
         )
     import timm  # only the CLI depends on timm
 
-    state_dict = load_checkpoint(args.checkpoint)
+    state_dict = load_state_dict_file(args.checkpoint)
     num_classes = state_dict["head.weight"].shape[0] if "head.weight" in state_dict else 0
     model = timm.create_model(args.source, pretrained=False, num_classes=num_classes)
     model.load_state_dict(state_dict, strict=True)
@@ -114,10 +96,12 @@ def _from_timm(args: argparse.Namespace) -> DeiTDistillForImageClassification:
 def _from_transformers(source: str) -> DeiTDistillForImageClassification:
     architectures = AutoConfig.from_pretrained(source).architectures or []
     # AutoModelForImageClassification would load a WithTeacher checkpoint without its distillation head.
-    cls = next((_TRANSFORMERS_CLASSES[a] for a in architectures if a in _TRANSFORMERS_CLASSES), None)
+    cls = next(
+        (TRANSFORMERS_STUDENT_CLASSES[a] for a in architectures if a in TRANSFORMERS_STUDENT_CLASSES), None
+    )
     if cls is None:
-        raise SystemExit(
-            f"{source}: architectures {architectures} are not one of {sorted(_TRANSFORMERS_CLASSES)}."
+        raise UserError(
+            f"{source}: architectures {architectures} are not one of {sorted(TRANSFORMERS_STUDENT_CLASSES)}."
         )
     return from_transformers_deit(cls.from_pretrained(source))
 
@@ -125,9 +109,7 @@ def _from_transformers(source: str) -> DeiTDistillForImageClassification:
 def _read_labels(path: Path, num_labels: int) -> dict[int, str]:
     id2label = {int(k): v for k, v in json.loads(path.read_text()).items()}
     if sorted(id2label) != list(range(num_labels)):
-        raise SystemExit(
-            f"{path} must name classes 0..{num_labels - 1} (the model has {num_labels} classes)."
-        )
+        raise UserError(f"{path} must name classes 0..{num_labels - 1} (the model has {num_labels} classes).")
     return id2label
 
 
@@ -155,3 +137,11 @@ def run_convert(args: argparse.Namespace) -> Path:
         attach_pipeline(args.output)
     print(f"Saved {type(output).__name__} and its image processor to {args.output}")
     return args.output
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.source_format == "timm" and not os.path.exists(args.source) and args.source.count("/") != 1:
+        raise MissingPathError(f"--source {args.source}: no such file or folder.")
+    run_convert(args)
+    return 0

@@ -25,9 +25,9 @@ from pathlib import Path
 from transformers import HfArgumentParser, pipeline
 
 from training.data import load_image_dataset
-from training.train import parse_args, run_training
+from training.commands.train import parse_args, run_training
 
-RECIPES = Path(__file__).resolve().parent / "recipes"
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 TEACHER_RECIPE = RECIPES / "fashion_mnist_teacher_cpu.json"
 STUDENT_RECIPE = RECIPES / "fashion_mnist_cpu.json"
 
@@ -46,7 +46,15 @@ class DemoArguments:
 
 
 def _flags(demo: DemoArguments, name: str, epochs: int | None) -> list[str]:
-    flags = ["--output_dir", str(Path(demo.output_dir) / name), "--seed", str(demo.seed)]
+    # The demo owns its output folder: a second demo replaces the first one's runs.
+    flags = [
+        "--output_dir",
+        str(Path(demo.output_dir) / name),
+        "--seed",
+        str(demo.seed),
+        "--overwrite_output_dir",
+        "true",
+    ]
     for flag, value in (
         ("--max_train_samples", demo.train_samples),
         ("--max_eval_samples", demo.eval_samples),

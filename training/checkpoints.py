@@ -1,0 +1,269 @@
+"""Starting points: any checkpoint becomes a model to train, through one loading path.
+
+- DeiT/ViT checkpoints become this project's student: ours; transformers' `DeiTForImageClassificationWithTeacher`,
+  `DeiTForImageClassification`, `ViTForImageClassification`; timm `deit_*`/`vit_*` as a `timm/...` id, a Hugging
+  Face-layout folder (`config.json` with `architecture`, as `timm/...` repos are) or an official state-dict file.
+  They are converted on the fly (bit-exact, `modeling_deit_distill.convert_deit_distill`).
+- Any other image classifier is fine-tuned as it is, e.g. a teacher: a transformers
+  `AutoModelForImageClassification` (ResNet, ConvNeXt, RegNet, EfficientNet, Swin, ...) or a timm model (through
+  transformers' `TimmWrapperForImageClassification`, so it saves and loads like any transformers model).
+
+Each comes with its own preprocessing (its image processor, or timm's `pretrained_cfg`), which training uses and
+saves, so that `--teacher RUN_DIR` later adapts the student's inputs to it. Nothing here downloads unless the
+source is a Hub id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    DeiTForImageClassification,
+    DeiTForImageClassificationWithTeacher,
+    ViTForImageClassification,
+)
+from transformers.image_processing_utils import BaseImageProcessor
+from transformers.image_utils import PILImageResampling
+
+from modeling_deit_distill import DeiTDistillConfig, DeiTDistillForImageClassification, build_image_processor
+from modeling_deit_distill.convert_deit_distill import from_timm, from_transformers_deit
+
+from .errors import MissingPathError, UserError
+
+logger = logging.getLogger(__name__)
+
+TRANSFORMERS_STUDENT_CLASSES = {
+    cls.__name__: cls
+    for cls in (DeiTForImageClassificationWithTeacher, DeiTForImageClassification, ViTForImageClassification)
+}
+_TIMM_STUDENT_PREFIXES = ("deit_", "vit_")
+_STATE_DICT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors")
+# ViT/DeiT heads are 64 wide in every published size (Ti 192/3, S 384/6, B 768/12, L 1024/16).
+_VIT_HEAD_DIM = 64
+
+
+@dataclass
+class StartingPoint:
+    """A loaded checkpoint, ready to be trained.
+
+    Attributes:
+        model: The model; a `DeiTDistillForImageClassification` for DeiT/ViT sources.
+        image_processor: The checkpoint's preprocessing, or `None` when it has none.
+        source: What was loaded (a path or a Hub id).
+        kind: "deit_distill" (ours), "transformers" or "timm" (converted students), or "as_is" (fine-tuned in
+            its own architecture).
+        hub_id: The Hub id when the source is one (for the model card's `base_model`).
+    """
+
+    model: nn.Module
+    image_processor: BaseImageProcessor | None
+    source: str
+    kind: str
+    hub_id: str | None
+
+    @property
+    def is_student(self) -> bool:
+        """Whether the model is this project's DeiT (a converted or native student)."""
+        return isinstance(self.model, DeiTDistillForImageClassification)
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Weights from a .safetensors or torch file; unwraps the `{"model": ...}` of official DeiT checkpoints."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("model", "state_dict"):
+        if isinstance(checkpoint.get(key), dict):
+            return checkpoint[key]
+    return checkpoint
+
+
+def student_from_timm_state_dict(
+    state_dict: dict[str, torch.Tensor], num_attention_heads: int | None = None, **overrides: Any
+) -> DeiTDistillForImageClassification:
+    """An official timm/DeiT state dict as our student; the head count defaults to width / 64, as in DeiT/ViT."""
+    if num_attention_heads is None and "cls_token" in state_dict:
+        num_attention_heads = state_dict["cls_token"].shape[-1] // _VIT_HEAD_DIM
+        logger.info(
+            "Assuming %d attention heads (64 per head, as in every DeiT/ViT size).", num_attention_heads
+        )
+    return from_timm(state_dict, num_attention_heads=num_attention_heads, **overrides)
+
+
+def _is_hub_id(source: str) -> bool:
+    return not os.path.exists(source) and source.count("/") == 1 and not source.startswith((".", "/", "~"))
+
+
+def _raw_config(source: str) -> dict[str, Any]:
+    """`config.json` of a folder or Hub repo as a dict (timm's configs are not transformers configs)."""
+    if os.path.isdir(source):
+        path = Path(source) / "config.json"
+        if not path.is_file():
+            raise MissingPathError(
+                f"--model_name_or_path {source}: the folder has no config.json; give a saved model folder, a "
+                "Hub id or a state-dict file (.pth, .safetensors)."
+            )
+        return json.loads(path.read_text())
+    if not _is_hub_id(source):
+        raise MissingPathError(
+            f"--model_name_or_path {source}: no such file or folder (and not a Hub id of the form owner/name)."
+        )
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return json.loads(Path(hf_hub_download(source, "config.json")).read_text())
+    except Exception as error:  # offline, missing repo, no config: all the user can fix is the id
+        raise UserError(
+            f"--model_name_or_path {source}: cannot read its config.json from the Hub "
+            f"({type(error).__name__}). Check the id, or download the model to a folder first."
+        ) from error
+
+
+def _image_processor(source: str) -> BaseImageProcessor | None:
+    try:
+        return AutoImageProcessor.from_pretrained(source)
+    except (OSError, ValueError):
+        return None
+
+
+def standard_image_processor(processor: BaseImageProcessor | None) -> BaseImageProcessor | None:
+    """A processor whose size, crop, resampling and normalisation the training transforms can read.
+
+    transformers' own processors already have them. timm's (`TimmWrapperImageProcessor`) keep them in
+    `data_config`, which becomes the equivalent DeiT processor (resize to input / crop_pct, centre crop).
+    """
+    data_config = getattr(processor, "data_config", None)
+    if data_config is None:
+        return processor
+    height, width = data_config["input_size"][-2:]
+    resample = {"bilinear": PILImageResampling.BILINEAR, "nearest": PILImageResampling.NEAREST}.get(
+        data_config.get("interpolation"), PILImageResampling.BICUBIC
+    )
+    config = DeiTDistillConfig(image_size=[height, width], patch_size=1, hidden_size=1, num_attention_heads=1)
+    standard = build_image_processor(
+        config,
+        crop_pct=data_config.get("crop_pct", 0.875),
+        image_mean=tuple(data_config["mean"]),
+        image_std=tuple(data_config["std"]),
+    )
+    standard.resample = resample
+    return standard
+
+
+def load_starting_point(
+    source: str,
+    id2label: dict[int, str],
+    *,
+    require_student: bool = False,
+    drop_path_rate: float | None = None,
+    attn_implementation: str | None = None,
+) -> StartingPoint:
+    """Load `source` (a folder, a Hub id or a state-dict file) as a student or as a model to fine-tune as is,
+    with classification heads for `id2label` (new heads when the checkpoint's labels differ, as logged).
+
+    `drop_path_rate` and `attn_implementation` apply to models fine-tuned as they are, when set; students get
+    theirs from `training.models`.
+
+    Raises:
+        MissingPathError / UserError: the source does not exist, cannot be read, or (`require_student`) is not
+            a DeiT/ViT.
+    """
+    hub_id = source if _is_hub_id(source) else None
+    if os.path.isfile(source):
+        if not source.endswith(_STATE_DICT_SUFFIXES):
+            raise UserError(
+                f"--model_name_or_path {source}: a file must be a state dict ({', '.join(_STATE_DICT_SUFFIXES)})."
+            )
+        model = student_from_timm_state_dict(load_state_dict_file(source))
+        logger.info("Converted the timm/DeiT state dict %s to a DeiTDistill student.", source)
+        relabel_student(model, id2label)
+        return StartingPoint(model, None, source, "timm", None)
+
+    config = _raw_config(source)
+    processor = _image_processor(source)
+    model_type = config.get("model_type")
+    if model_type == DeiTDistillConfig.model_type:
+        model = DeiTDistillForImageClassification.from_pretrained(source)
+        relabel_student(model, id2label)
+        return StartingPoint(model, processor, source, "deit_distill", hub_id)
+    if model_type in ("deit", "vit"):
+        architectures = config.get("architectures") or []
+        # AutoModelForImageClassification would load a WithTeacher checkpoint without its distillation head.
+        cls = next(
+            (TRANSFORMERS_STUDENT_CLASSES[a] for a in architectures if a in TRANSFORMERS_STUDENT_CLASSES),
+            None,
+        )
+        if cls is None:
+            raise UserError(
+                f"--model_name_or_path {source}: a {model_type} checkpoint without a classification head "
+                f"({architectures}); give a *ForImageClassification checkpoint."
+            )
+        model = from_transformers_deit(cls.from_pretrained(source))
+        logger.info("Converted transformers %s from %s to a DeiTDistill student.", cls.__name__, source)
+        relabel_student(model, id2label)
+        return StartingPoint(model, processor, source, "transformers", hub_id)
+
+    timm_architecture = config.get("architecture")
+    if require_student and not str(timm_architecture or "").startswith(_TIMM_STUDENT_PREFIXES):
+        found = timm_architecture or model_type or "unknown"
+        raise UserError(
+            f"--architecture deit_distill needs a DeiT/ViT checkpoint, but {source} is a {found} model. To "
+            "fine-tune it as it is (e.g. as a teacher), leave --architecture unset."
+        )
+    if str(timm_architecture or "").startswith(_TIMM_STUDENT_PREFIXES):
+        wrapper = AutoModelForImageClassification.from_pretrained(source)
+        student = from_timm(wrapper.timm_model, id2label=dict(wrapper.config.id2label))
+        logger.info("Converted timm %s from %s to a DeiTDistill student.", timm_architecture, source)
+        relabel_student(student, id2label)
+        return StartingPoint(student, standard_image_processor(processor), source, "timm", hub_id)
+    # Only what the user set, and only what the model has: a ResNet has no drop path, a Swin no sdpa.
+    options: dict[str, Any] = {}
+    if drop_path_rate is not None:
+        if "drop_path_rate" not in config:
+            raise UserError(
+                f"--drop_path_rate: {source} ({model_type or timm_architecture}) has no stochastic depth setting; "
+                "leave it unset."
+            )
+        options["drop_path_rate"] = drop_path_rate
+    if attn_implementation is not None:
+        options["attn_implementation"] = attn_implementation
+    # transformers replaces a head whose size differs from the new label set, for any architecture.
+    model = AutoModelForImageClassification.from_pretrained(
+        source,
+        **options,
+        num_labels=len(id2label),
+        id2label=id2label,
+        label2id={name: index for index, name in id2label.items()},
+        ignore_mismatched_sizes=True,
+    )
+    logger.info("Fine-tuning %s (%s) as it is, for %d classes.", source, type(model).__name__, len(id2label))
+    return StartingPoint(model, standard_image_processor(processor), source, "as_is", hub_id)
+
+
+def relabel_student(model: DeiTDistillForImageClassification, id2label: dict[int, str]) -> bool:
+    """Give a student the dataset's labels: new heads when they differ. Returns whether the heads were replaced."""
+    current = [model.config.id2label.get(i) for i in range(model.config.num_labels)]
+    names = [id2label[i] for i in range(len(id2label))]
+    if current == names:
+        return False
+    model.reset_classifier(len(names))
+    model.config.id2label = dict(enumerate(names))
+    model.config.label2id = {name: index for index, name in enumerate(names)}
+    logger.info(
+        "New classification heads for the dataset's %d classes (the checkpoint had %d).",
+        len(names),
+        len(current),
+    )
+    return True

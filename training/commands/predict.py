@@ -1,0 +1,88 @@
+"""`deit-distill predict MODEL PATH... [--top_k K] [--json]`: classify image files and folders (recursively).
+
+Images are read exactly as training and the pipeline read them (EXIF orientation, every mode to RGB, 16-bit
+rescaled). A file that is missing or not an image is reported on its own line and skipped; the others are still
+classified, and the exit status is 1 if any failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+from PIL import Image
+
+from modeling_deit_distill import DeiTDistillImageClassificationPipeline
+from training.errors import MissingPathError, UserError
+
+from .flags import add_flag
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deit-distill predict", description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", help="a run directory, a saved model folder or a Hub id")
+    parser.add_argument("paths", nargs="+", help="image files, or folders searched recursively")
+    add_flag(parser, "top_k", type=int, default=3, help="labels per image (default 3)")
+    add_flag(parser, "json", action="store_true", help="one JSON object per image instead of text")
+    return parser
+
+
+def image_files(paths: list[str]) -> Iterator[str]:
+    """Each path given, with folders expanded recursively to the files PIL can open (by extension), sorted."""
+    extensions = {ext.lower() for ext in Image.registered_extensions()}
+    for path in paths:
+        if os.path.isdir(path):
+            found = sorted(
+                str(file)
+                for file in Path(path).rglob("*")
+                if file.is_file() and file.suffix.lower() in extensions
+            )
+            yield from found
+        else:
+            yield path  # missing or unreadable files are reported when they are read
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.top_k < 1:
+        raise UserError(f"--top_k must be >= 1, got {args.top_k}.")
+    if not os.path.exists(args.model) and (args.model.startswith((".", "/")) or args.model.count("/") != 1):
+        raise MissingPathError(f"predict: {args.model}: no such model folder.")
+    from transformers import pipeline
+
+    # Our pipeline class whatever the folder says, so that older folders decode images as training does too.
+    classifier = pipeline(
+        "image-classification",
+        model=args.model,
+        trust_remote_code=True,
+        pipeline_class=DeiTDistillImageClassificationPipeline,
+    )
+    top_k = min(args.top_k, classifier.model.config.num_labels)
+    failed = 0
+    for path in image_files(args.paths):
+        try:
+            if not os.path.isfile(path):
+                raise FileNotFoundError("no such file")
+            predictions = classifier(path, top_k=top_k)
+        except Exception as error:  # one bad image must not stop the others
+            failed += 1
+            reason = (
+                f"cannot classify: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            )
+            if args.json:
+                print(json.dumps({"file": path, "error": reason}), flush=True)
+            else:
+                print(f"{path}: error: {reason}", file=sys.stderr, flush=True)
+            continue
+        if args.json:
+            print(json.dumps({"file": path, "predictions": predictions}), flush=True)
+        else:
+            shown = ", ".join(f"{p['label']} ({p['score']:.3f})" for p in predictions)
+            print(f"{path}: {shown}", flush=True)
+    if failed:
+        print(f"deit-distill predict: {failed} file(s) could not be classified.", file=sys.stderr)
+    return 1 if failed else 0

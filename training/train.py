@@ -1,0 +1,14 @@
+"""Launcher for `python training/train.py ...` and `accelerate launch training/train.py ...`.
+
+The command itself is `training.commands.train` (also `deit-distill train`); this file only lets the classic
+Trainer-script invocation work from a checkout.
+"""
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from training.commands.train import main
+
+    main()
