@@ -25,10 +25,12 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import (
+    AutoConfig,
     AutoImageProcessor,
     AutoModelForImageClassification,
     DeiTForImageClassification,
     DeiTForImageClassificationWithTeacher,
+    PretrainedConfig,
     ViTForImageClassification,
 )
 from transformers.image_processing_utils import BaseImageProcessor
@@ -223,33 +225,41 @@ def load_starting_point(
             "fine-tune it as it is (e.g. as a teacher), leave --architecture unset."
         )
     if str(timm_architecture or "").startswith(_TIMM_STUDENT_PREFIXES):
-        wrapper = AutoModelForImageClassification.from_pretrained(source)
+        wrapper = AutoModelForImageClassification.from_pretrained(source, config=_model_config(source))
         student = from_timm(wrapper.timm_model, id2label=dict(wrapper.config.id2label))
         logger.info("Converted timm %s from %s to a DeiTDistill student.", timm_architecture, source)
         relabel_student(student, id2label)
         return StartingPoint(student, standard_image_processor(processor), source, "timm", hub_id)
     # Only what the user set, and only what the model has: a ResNet has no drop path, a Swin no sdpa.
-    options: dict[str, Any] = {}
+    model_config = _model_config(
+        source,
+        num_labels=len(id2label),
+        id2label=id2label,
+        label2id={name: index for index, name in id2label.items()},
+    )
     if drop_path_rate is not None:
-        if "drop_path_rate" not in config:
+        if not hasattr(model_config, "drop_path_rate"):
             raise UserError(
                 f"--drop_path_rate: {source} ({model_type or timm_architecture}) has no stochastic depth setting; "
                 "leave it unset."
             )
-        options["drop_path_rate"] = drop_path_rate
-    if attn_implementation is not None:
-        options["attn_implementation"] = attn_implementation
+        model_config.drop_path_rate = drop_path_rate
+    options = {"attn_implementation": attn_implementation} if attn_implementation else {}
     # transformers replaces a head whose size differs from the new label set, for any architecture.
     model = AutoModelForImageClassification.from_pretrained(
-        source,
-        **options,
-        num_labels=len(id2label),
-        id2label=id2label,
-        label2id={name: index for index, name in id2label.items()},
-        ignore_mismatched_sizes=True,
+        source, config=model_config, ignore_mismatched_sizes=True, **options
     )
     logger.info("Fine-tuning %s (%s) as it is, for %d classes.", source, type(model).__name__, len(id2label))
     return StartingPoint(model, standard_image_processor(processor), source, "as_is", hub_id)
+
+
+def _model_config(source: str, **overrides: Any) -> PretrainedConfig:
+    config = AutoConfig.from_pretrained(source, **overrides)
+    # timm's `save_for_hf` may record num_classes among the creation arguments, which transformers' wrapper also
+    # passes: the label count must come from the config alone.
+    if isinstance(getattr(config, "model_args", None), dict):
+        config.model_args.pop("num_classes", None)
+    return config
 
 
 def relabel_student(model: DeiTDistillForImageClassification, id2label: dict[int, str]) -> bool:

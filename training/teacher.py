@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoImageProcessor, AutoModelForImageClassification, PretrainedConfig
 
+from .errors import MissingPathError, UserError
 from .transforms import output_size
 
 logger = logging.getLogger(__name__)
@@ -27,8 +28,8 @@ def load_teacher(teacher: str | nn.Module, **from_pretrained_kwargs) -> nn.Modul
     """A frozen teacher in eval mode, from a module or a Hub/local id (`timm/...` ids through transformers)."""
     if isinstance(teacher, str):
         if teacher.startswith((os.sep, ".")) and not os.path.isdir(teacher):
-            raise FileNotFoundError(
-                f"Teacher directory {teacher!r} does not exist; train or download it first."
+            raise MissingPathError(
+                f"--teacher {teacher}: no such folder; train or download the teacher first."
             )
         try:
             teacher = AutoModelForImageClassification.from_pretrained(teacher, **from_pretrained_kwargs)
@@ -36,9 +37,9 @@ def load_teacher(teacher: str | nn.Module, **from_pretrained_kwargs) -> nn.Modul
             if os.path.isdir(teacher):
                 raise
             # A relative path such as "runs/teacher" is also a well-formed Hub id, so it reaches the Hub.
-            raise FileNotFoundError(
-                f"Teacher {teacher!r} is neither a local directory nor a model loadable from the Hub ({error}). "
-                "Train or download it first, or check the path or id."
+            raise MissingPathError(
+                f"--teacher {teacher}: neither a local folder nor a model loadable from the Hub "
+                f"({str(error).splitlines()[0][:160]}). Train or download it first, or check the path or id."
             ) from error
     if not isinstance(teacher, nn.Module):
         raise TypeError(f"teacher must be an nn.Module or a model id/path, got {type(teacher).__name__}.")
@@ -103,15 +104,16 @@ def match_label_spaces(
     mismatch = (
         f"The teacher predicts {_describe(teacher_names, teacher_num_labels)} but the student has "
         f"{_describe(student_names, student_count)}. Distillation needs the same class space: fine-tune the "
-        "teacher on this dataset first (e.g. `deit-distill train --architecture resnet ...`) or pass a teacher "
-        "trained on these labels."
+        "teacher on this dataset first: `deit-distill train --model_name_or_path YOUR_TEACHER --distillation_type "
+        "none --dataset_name ... --output_dir runs/teacher` (any transformers or timm classifier keeps its "
+        "architecture and gets new heads), then pass --teacher runs/teacher."
     )
     if teacher_num_labels != student_count:
-        raise ValueError(mismatch)
+        raise UserError(mismatch)
     if student_names is None or teacher_names is None or student_names == teacher_names:
         return None
     if sorted(student_names) != sorted(teacher_names) or len(set(teacher_names)) != len(teacher_names):
-        raise ValueError(mismatch)
+        raise UserError(mismatch)
     teacher_index = {name: i for i, name in enumerate(teacher_names)}
     logger.info("Teacher labels are in another order; teacher logits are remapped to the student's order.")
     return torch.tensor([teacher_index[name] for name in student_names], dtype=torch.long)
