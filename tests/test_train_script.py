@@ -96,7 +96,7 @@ def test_recipe_becomes_flags_and_later_flags_override_it(tmp_path):
         "--output_dir", str(tmp_path / "from_recipe"),
     ]  # fmt: skip
 
-    model_args, _, _, distill_args, _, training_args = parse_args(
+    model_args, _, _, distill_args, _, training_args, _ = parse_args(
         [
             str(recipe),
             "--learning_rate",

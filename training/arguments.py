@@ -238,6 +238,51 @@ class RunArguments:
     )
 
 
+@dataclass
+class TeacherCacheArguments:
+    """The teacher cache (`training.teacher_cache`): written by `cache-teacher`, read by `train`."""
+
+    teacher_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder of a teacher cache: cache-teacher writes it; train reads the teacher's outputs "
+            "from it instead of running the teacher (the run's view arguments must match it)."
+        },
+    )
+    cache_epochs: int | None = field(
+        default=None, metadata={"help": "cache-teacher: epochs of views to cache (default: the run's)."}
+    )
+    cache_top_k: int | None = field(
+        default=None,
+        metadata={"help": "cache-teacher: classes stored per view (default 10, or all if fewer; 0: all)."},
+    )
+    cache_dtype: str = field(
+        default="float16", metadata={"help": "cache-teacher: float16 or float32 log-probabilities."}
+    )
+    cache_shard_views: int = field(
+        default=50_000, metadata={"help": "cache-teacher: views per shard file and process."}
+    )
+    cache_cycle: bool = field(
+        default=False,
+        metadata={"help": "train: replay the cached epochs in cycles when the run is longer than the cache."},
+    )
+
+
+def check_cache_arguments(args: TeacherCacheArguments) -> None:
+    if args.cache_epochs is not None:
+        _check(args.cache_epochs >= 1, "cache_epochs", f"must be >= 1, got {args.cache_epochs}.")
+    if args.cache_top_k is not None:
+        _check(
+            args.cache_top_k >= 0, "cache_top_k", f"must be >= 0 (0: all classes), got {args.cache_top_k}."
+        )
+    _check(
+        args.cache_dtype in ("float16", "float32"),
+        "cache_dtype",
+        f"must be float16 or float32, got {args.cache_dtype!r}.",
+    )
+    _check(args.cache_shard_views >= 1, "cache_shard_views", f"must be >= 1, got {args.cache_shard_views}.")
+
+
 def dataclass_from_dict(cls: type, values: dict[str, Any]) -> Any:
     """`cls(**values)` keeping only the fields `cls` has (a run record holds more)."""
     names = {f.name for f in fields(cls)}
@@ -280,6 +325,7 @@ def check_training_arguments(
     augmentation_args: AugmentationArguments,
     distill_args: DistillationArguments,
     training_args: Any,
+    cache_args: TeacherCacheArguments | None = None,
 ) -> None:
     """Out-of-range values and impossible combinations, each naming its flag."""
     _check(
@@ -351,7 +397,8 @@ def check_training_arguments(
             "layer_decay",
             f"must be in (0, 1], got {distill_args.layer_decay}.",
         )
-    if distill_args.distillation_type != "none" and not distill_args.teacher:
+    from_cache = cache_args is not None and cache_args.teacher_cache is not None
+    if distill_args.distillation_type != "none" and not distill_args.teacher and not from_cache:
         raise UserError(
             f"--distillation_type {distill_args.distillation_type} needs --teacher (a run directory, a saved "
             "model or a Hub id), or use --distillation_type none."

@@ -31,6 +31,8 @@ class ViewSampler(Sampler[ViewKey]):
         num_repeats: Copies of each image per epoch (repeated augmentation); 1 disables it.
         shuffle: Shuffle the images each epoch.
         seed: The run's data seed.
+        num_distinct_epochs: Epochs after which the views repeat (epoch `e` draws those of `e % n`), for a
+            teacher cache of `n` epochs replayed in cycles; `None` never repeats.
     """
 
     def __init__(
@@ -41,6 +43,7 @@ class ViewSampler(Sampler[ViewKey]):
         num_repeats: int = 1,
         shuffle: bool = True,
         seed: int = 0,
+        num_distinct_epochs: int | None = None,
     ) -> None:
         if global_batch_size < 1 or num_repeats < 1:
             raise ValueError(
@@ -51,6 +54,7 @@ class ViewSampler(Sampler[ViewKey]):
         self.num_repeats = num_repeats
         self.shuffle = shuffle
         self.seed = seed
+        self.num_distinct_epochs = num_distinct_epochs
         self.epoch = 0
         if num_repeats > 1 and self.num_examples < global_batch_size:
             raise ValueError(
@@ -60,7 +64,7 @@ class ViewSampler(Sampler[ViewKey]):
 
     def set_epoch(self, epoch: int) -> None:
         """Set the epoch; called by the Trainer (through accelerate) at the start of each epoch."""
-        self.epoch = epoch
+        self.epoch = epoch % self.num_distinct_epochs if self.num_distinct_epochs else epoch
 
     def __len__(self) -> int:
         if self.num_repeats == 1:
@@ -82,4 +86,4 @@ class ViewSampler(Sampler[ViewKey]):
             within = torch.argsort(batch_of + torch.rand(len(self), generator=generator))
             order, repeats = order[within], repeats[within]
         for position, (index, repeat) in enumerate(zip(order.tolist(), repeats.tolist(), strict=True)):
-            yield ViewKey(self.seed, self.epoch, position // self.global_batch_size, index, repeat)
+            yield ViewKey(self.seed, self.epoch, position // self.global_batch_size, index, repeat, position)

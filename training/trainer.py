@@ -34,7 +34,8 @@ from .teacher import (
     match_label_spaces,
     teacher_logits_from_output,
 )
-from .views import SeededViews, ViewCollator
+from .teacher_cache import TeacherCache, run_epochs
+from .views import VIEW_KEYS, SeededViews, ViewCollator
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +80,10 @@ def _is_complete_checkpoint(folder: str) -> bool:
 
 
 class DistillationTrainer(Trainer):
+    # Whether training batches carry their view keys (`batch["view_keys"]`); on with a teacher cache, which is
+    # read by them, and for whoever writes one.
+    keep_view_keys = False
+
     """A `transformers.Trainer` that trains a student against a frozen teacher with [`DistillationLoss`].
 
     Args:
@@ -91,6 +96,9 @@ class DistillationTrainer(Trainer):
         train_data_collator: Collator for training batches only (e.g. with Mixup/CutMix); evaluation uses
             `data_collator`, so metrics are computed on clean labels.
         repeated_augmentations: Copies of each image per epoch, each its own augmented view (DeiT uses 3).
+        teacher_cache: A `TeacherCache` to train from instead of a teacher: the loss takes the teacher's stored
+            outputs for each view, and no teacher runs (evaluation then reports no teacher metrics, and its
+            loss is the labels' cross-entropy on both heads).
         layer_decay: Layer-wise lr decay for fine-tuning (e.g. 0.65): block `i` of `L` trains at
             `lr * layer_decay ** (L - i)`, the heads at `lr`; groups from the model's `group_matcher()` through
             timm's `param_groups_layer_decay` (see `training.optim`). `None` trains every layer at `lr`.
@@ -107,6 +115,7 @@ class DistillationTrainer(Trainer):
         distillation_loss: DistillationLoss | None = None,
         teacher_image_processor: Any = None,
         train_data_collator: Callable | None = None,
+        teacher_cache: TeacherCache | None = None,
         repeated_augmentations: int = 1,
         layer_decay: float | None = None,
         compute_metrics: Callable | None = None,
@@ -114,7 +123,11 @@ class DistillationTrainer(Trainer):
     ) -> None:
         if distillation_loss is None:
             distillation_loss = DistillationLoss("hard" if teacher is not None else "none")
-        if distillation_loss.distillation_type != "none" and teacher is None:
+        if teacher is not None and teacher_cache is not None:
+            raise ValueError(
+                "Pass a teacher or a teacher_cache, not both: the cache stands in for the teacher."
+            )
+        if distillation_loss.distillation_type != "none" and teacher is None and teacher_cache is None:
             raise ValueError(
                 f"distillation_type={distillation_loss.distillation_type!r} needs a teacher; pass teacher=... "
                 "(a model or a Hub/local id) or use distillation_type='none'."
@@ -123,6 +136,14 @@ class DistillationTrainer(Trainer):
             raise ValueError(f"repeated_augmentations must be >= 1, got {repeated_augmentations}.")
         self.distillation_loss = distillation_loss
         self.train_data_collator = train_data_collator
+        self.teacher_cache = teacher_cache
+        self.keep_view_keys = self.keep_view_keys or teacher_cache is not None
+        # Evaluation runs no teacher when training reads a cache: its loss then uses the labels only.
+        self.eval_loss = (
+            distillation_loss
+            if teacher_cache is None
+            else DistillationLoss("none", label_smoothing=distillation_loss.label_smoothing)
+        )
         self.repeated_augmentations = repeated_augmentations
         self.layer_decay = layer_decay
         super().__init__(model=model, args=args, compute_metrics=compute_metrics, **kwargs)
@@ -212,8 +233,15 @@ class DistillationTrainer(Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         labels = inputs.pop("labels")
+        view_keys = inputs.pop(VIEW_KEYS, None)
         outputs = model(**inputs)
-        teacher_logits = self.teacher_logits(inputs["pixel_values"]) if self.teacher is not None else None
+        if self.teacher is not None:
+            teacher_logits = self.teacher_logits(inputs["pixel_values"])
+        elif self.teacher_cache is not None and view_keys is not None:
+            hard = self.distillation_loss.distillation_type == "hard"
+            teacher_logits = self.teacher_cache.teacher_logits(view_keys, hard=hard)
+        else:
+            teacher_logits = None
         terms = self.distillation_loss(outputs, labels, teacher_logits)
         if model.training:
             self._accumulate_loss_terms(terms)
@@ -231,7 +259,7 @@ class DistillationTrainer(Trainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             outputs = model(**inputs)
             teacher_logits = self.teacher_logits(inputs["pixel_values"]) if self.teacher is not None else None
-            loss = self.distillation_loss(outputs, labels, teacher_logits).loss.detach()
+            loss = self.eval_loss(outputs, labels, teacher_logits).loss.detach()
         if prediction_loss_only:
             return loss, None, None
         cls_logits = getattr(outputs, "cls_logits", None)
@@ -283,12 +311,16 @@ class DistillationTrainer(Trainer):
         dataset, collator = self.train_dataset, self.data_collator
         train_collator = self.train_data_collator or self.data_collator
         if self._draws_views(dataset):
-            self.train_dataset, train_collator = SeededViews(dataset), ViewCollator(train_collator)
+            self.train_dataset = SeededViews(dataset)
+            train_collator = ViewCollator(train_collator, keep_keys=self.keep_view_keys)
         self.data_collator = train_collator
         try:
-            return super().get_train_dataloader()
+            loader = super().get_train_dataloader()
         finally:
             self.train_dataset, self.data_collator = dataset, collator
+        if self.teacher_cache is not None:
+            self.teacher_cache.check_epochs(run_epochs(self.args, len(loader)))
+        return loader
 
     @staticmethod
     def _draws_views(dataset: Any) -> bool:
@@ -307,6 +339,10 @@ class DistillationTrainer(Trainer):
             global_batch_size=self._train_batch_size * self.args.world_size,
             num_repeats=self.repeated_augmentations,
             seed=self.args.data_seed if self.args.data_seed is not None else self.args.seed,
+            # A cache replayed in cycles: epoch e draws the views of cached epoch e % epochs.
+            num_distinct_epochs=self.teacher_cache.epochs
+            if self.teacher_cache is not None and self.teacher_cache.cycle
+            else None,
         )
 
     def _set_signature_columns_if_needed(self) -> None:

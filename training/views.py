@@ -41,6 +41,8 @@ class ViewKey(NamedTuple):
         batch: The global batch within the epoch (all processes together, one data-loader step).
         index: The example's index in the dataset.
         repeat: Which copy of the example in this epoch (repeated augmentation), each its own view.
+        position: Where the view sits in the epoch's global order. It does not change the view's pixels, but
+            with (seed, epoch) it names the mixed image a teacher saw, which is what a teacher cache stores.
     """
 
     seed: int
@@ -48,6 +50,7 @@ class ViewKey(NamedTuple):
     batch: int
     index: int
     repeat: int = 0
+    position: int = 0
 
 
 def _hash_seed(*values: int) -> int:
@@ -122,14 +125,30 @@ class SeededViews(Dataset):
         return {**example, "view": key} if isinstance(example, dict) else example
 
 
-class ViewCollator:
-    """Takes each example's `"view"` key out and hands the keys to collators that mix (`accepts_views`)."""
+# The batch entry that carries the examples' keys, a `(B, len(ViewKey._fields))` int64 tensor, when asked for.
+VIEW_KEYS = "view_keys"
 
-    def __init__(self, collator: Callable[[list[Any]], Any]) -> None:
+
+class ViewCollator:
+    """Takes each example's `"view"` key out and hands the keys to collators that mix (`accepts_views`).
+
+    With `keep_keys`, the keys also travel with the batch as `batch["view_keys"]` (one row per example, the fields
+    of `ViewKey`), for a consumer that must know which views it got (the teacher cache); whoever asks for them
+    takes them out before the model.
+    """
+
+    def __init__(self, collator: Callable[[list[Any]], Any], keep_keys: bool = False) -> None:
         self.collator = collator
+        self.keep_keys = keep_keys
 
     def __call__(self, examples: list[Any]) -> Any:
         views = [example.pop("view", None) if isinstance(example, dict) else None for example in examples]
         if getattr(self.collator, "accepts_views", False):
-            return self.collator(examples, views=views)
-        return self.collator(examples)
+            batch = self.collator(examples, views=views)
+        else:
+            batch = self.collator(examples)
+        if self.keep_keys:
+            if any(view is None for view in views):
+                raise ValueError("keep_keys needs ViewKey-indexed examples (SeededViews with a ViewSampler).")
+            batch[VIEW_KEYS] = torch.tensor(views, dtype=torch.long)
+        return batch

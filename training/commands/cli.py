@@ -4,9 +4,12 @@ deit-distill train ARGS | recipe.json       train a student, or fine-tune any im
 deit-distill eval MODEL_OR_RUN [ARGS]       evaluate every head (and the teacher) on a dataset split
 deit-distill predict MODEL FILES/DIRS...    classify images (files and folders), text or --json
 deit-distill convert ...                    convert transformers/timm checkpoints, both directions
+deit-distill export MODEL --output OUT      ONNX export (checked against PyTorch), optionally int8
 deit-distill card RUN_DIR                   regenerate a run's model card
 deit-distill push RUN_DIR --repo_id ID      push a run to the Hub (optionally with a native copy)
 deit-distill demo                           the end-to-end Fashion-MNIST demo
+deit-distill cache-teacher ARGS --teacher_cache DIR   run the teacher once over every training view (train's ARGS)
+deit-distill push-cache DIR --repo_id ID    push a teacher cache to the Hub as a dataset repo
 
 Every flag is accepted as --foo_bar and as --foo-bar. Expected errors (a bad flag value, a missing file) print
 one line, `deit-distill: error: ...`; set --debug or DEIT_DISTILL_DEBUG=1 for the traceback.
@@ -27,9 +30,12 @@ COMMANDS = {
     "eval": "evaluate",
     "predict": "predict",
     "convert": "convert",
+    "export": "export",
     "card": "hub",
     "push": "hub",
     "demo": "demo",
+    "cache-teacher": "cache_teacher",
+    "push-cache": "push_cache",
 }
 _EXPECTED_ERRORS = (UserError, FileNotFoundError, CorruptImageError)
 

@@ -30,6 +30,8 @@ from training.arguments import (
     DistillationArguments,
     ModelArguments,
     RunArguments,
+    TeacherCacheArguments,
+    check_cache_arguments,
     check_data_arguments,
     check_training_arguments,
 )
@@ -38,6 +40,8 @@ from training.errors import UserError
 from training.losses import DistillationLoss
 from training.models import BuiltModel, build_model
 from training.run_record import RUN_RECORD_FILE, RunRecord, hub_dataset_id, hub_model_id
+from training.teacher import load_teacher, load_teacher_image_processor
+from training.teacher_cache import TeacherCache, open_for_run
 from training.trainer import DistillationTrainer, last_complete_checkpoint
 from training.transforms import build_eval_transform, build_train_transform, with_image_transform
 
@@ -50,6 +54,7 @@ ArgumentGroups = tuple[
     DistillationArguments,
     RunArguments,
     TrainingArguments,
+    TeacherCacheArguments,
 ]
 ARGUMENT_CLASSES = (
     ModelArguments,
@@ -58,6 +63,7 @@ ARGUMENT_CLASSES = (
     DistillationArguments,
     RunArguments,
     TrainingArguments,
+    TeacherCacheArguments,
 )
 # Files that mean a run finished in a folder (a later run would replace them).
 _FINISHED_RUN_FILES = (RUN_RECORD_FILE, "config.json", "model.safetensors")
@@ -139,16 +145,24 @@ def build_trainer(
     augmentation_args: AugmentationArguments,
     distill_args: DistillationArguments,
     training_args: TrainingArguments,
+    teacher_cache: TeacherCache | None = None,
 ) -> DistillationTrainer:
     processor = built.image_processor
     num_classes = built.model.config.num_labels
-    teacher = distill_args.teacher if distill_args.distillation_type != "none" else None
-    if distill_args.teacher and teacher is None:
+    distilled = distill_args.distillation_type != "none"
+    teacher, teacher_processor = None, None
+    if distilled and teacher_cache is None:
+        # Loaded here, before the Trainer creates anything in --output_dir, so a bad teacher fails cleanly.
+        teacher_processor = load_teacher_image_processor(distill_args.teacher)
+        teacher = load_teacher(distill_args.teacher)
+    elif distill_args.teacher and not distilled:
         logger.info("--distillation_type none: the teacher %s is not used.", distill_args.teacher)
     return DistillationTrainer(
         model=built.model,
         args=training_args,
         teacher=teacher,
+        teacher_image_processor=teacher_processor,
+        teacher_cache=teacher_cache if distilled else None,
         distillation_loss=DistillationLoss(
             distillation_type=distill_args.distillation_type,
             alpha=distill_args.alpha,
@@ -182,10 +196,13 @@ def run_training(
     distill_args: DistillationArguments,
     run_args: RunArguments,
     training_args: TrainingArguments,
+    cache_args: TeacherCacheArguments | None = None,
 ) -> dict[str, float]:
     """Data -> model -> trainer -> train and evaluate -> publish; returns the final eval metrics."""
+    cache_args = cache_args or TeacherCacheArguments()
     check_data_arguments(data_args)
-    check_training_arguments(model_args, augmentation_args, distill_args, training_args)
+    check_training_arguments(model_args, augmentation_args, distill_args, training_args, cache_args)
+    check_cache_arguments(cache_args)
     prepare_output_dir(training_args, run_args)
     transformers.set_seed(training_args.seed)
     logger.info(
@@ -203,7 +220,21 @@ def run_training(
     if distill_args.scale_lr:
         training_args.learning_rate = scaled_learning_rate(training_args)
         logger.info("Scaled learning rate to %.3g", training_args.learning_rate)
-    trainer = build_trainer(built, dataset, augmentation_args, distill_args, training_args)
+    cache = None
+    if cache_args.teacher_cache and distill_args.distillation_type != "none":
+        cache = open_for_run(
+            cache_args.teacher_cache,
+            cycle=cache_args.cache_cycle,
+            teacher_id=distill_args.teacher,
+            student_image_processor=built.image_processor,
+            labels=list(id2label.values()),
+            train_dataset=dataset["train"],
+            data_args=data_args,
+            augmentation_args=augmentation_args,
+            training_args=training_args,
+        )
+        distill_args.teacher = distill_args.teacher or cache.teacher_id  # the run record names the teacher
+    trainer = build_trainer(built, dataset, augmentation_args, distill_args, training_args, cache)
 
     resume = training_args.resume_from_checkpoint
     if resume is not None and resume.lower() in ("true", "auto", "last"):
@@ -226,6 +257,8 @@ def run_training(
         record = make_run_record(
             trainer, built, dataset, data_args, augmentation_args, distill_args, run_args
         )
+        if cache is not None:
+            record.distillation["teacher_cache"] = str(cache.directory)
         record.write(training_args.output_dir)
         publish(training_args, push_to_hub)
     return metrics
