@@ -28,6 +28,7 @@ from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoModelForImageClassification,
+    ConvNextImageProcessor,
     DeiTForImageClassification,
     DeiTForImageClassificationWithTeacher,
     PretrainedConfig,
@@ -36,7 +37,7 @@ from transformers import (
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.image_utils import PILImageResampling
 
-from modeling_deit_distill import DeiTDistillConfig, DeiTDistillForImageClassification, build_image_processor
+from modeling_deit_distill import DeiTDistillConfig, DeiTDistillForImageClassification
 from modeling_deit_distill.convert_deit_distill import from_timm, from_transformers_deit
 
 from .errors import MissingPathError, UserError
@@ -140,28 +141,28 @@ def _image_processor(source: str) -> BaseImageProcessor | None:
         return None
 
 
-def standard_image_processor(processor: BaseImageProcessor | None) -> BaseImageProcessor | None:
-    """A processor whose size, crop, resampling and normalisation the training transforms can read.
+def processor_from_timm(processor: BaseImageProcessor | None) -> BaseImageProcessor | None:
+    """timm's eval preprocessing as a savable transformers processor, for a student converted from timm.
 
-    transformers' own processors already have them. timm's (`TimmWrapperImageProcessor`) keep them in
-    `data_config`, which becomes the equivalent DeiT processor (resize to input / crop_pct, centre crop).
+    `TimmWrapperImageProcessor` is saved inside a timm model's config.json, which our student does not have.
+    ConvNeXt's processor does what timm's centre-crop eval does: shortest edge to size / crop_pct, centre crop.
     """
     data_config = getattr(processor, "data_config", None)
     if data_config is None:
         return processor
     height, width = data_config["input_size"][-2:]
+    if height != width:
+        raise UserError(f"timm preprocessing with a non-square input {height}x{width} is not supported.")
     resample = {"bilinear": PILImageResampling.BILINEAR, "nearest": PILImageResampling.NEAREST}.get(
         data_config.get("interpolation"), PILImageResampling.BICUBIC
     )
-    config = DeiTDistillConfig(image_size=[height, width], patch_size=1, hidden_size=1, num_attention_heads=1)
-    standard = build_image_processor(
-        config,
+    return ConvNextImageProcessor(
+        size={"shortest_edge": height},
         crop_pct=data_config.get("crop_pct", 0.875),
-        image_mean=tuple(data_config["mean"]),
-        image_std=tuple(data_config["std"]),
+        resample=resample,
+        image_mean=list(data_config["mean"]),
+        image_std=list(data_config["std"]),
     )
-    standard.resample = resample
-    return standard
 
 
 def load_starting_point(
@@ -229,7 +230,7 @@ def load_starting_point(
         student = from_timm(wrapper.timm_model, id2label=dict(wrapper.config.id2label))
         logger.info("Converted timm %s from %s to a DeiTDistill student.", timm_architecture, source)
         relabel_student(student, id2label)
-        return StartingPoint(student, standard_image_processor(processor), source, "timm", hub_id)
+        return StartingPoint(student, processor_from_timm(processor), source, "timm", hub_id)
     # Only what the user set, and only what the model has: a ResNet has no drop path, a Swin no sdpa.
     model_config = _model_config(
         source,
@@ -250,7 +251,7 @@ def load_starting_point(
         source, config=model_config, ignore_mismatched_sizes=True, **options
     )
     logger.info("Fine-tuning %s (%s) as it is, for %d classes.", source, type(model).__name__, len(id2label))
-    return StartingPoint(model, standard_image_processor(processor), source, "as_is", hub_id)
+    return StartingPoint(model, processor, source, "as_is", hub_id)
 
 
 def _model_config(source: str, **overrides: Any) -> PretrainedConfig:

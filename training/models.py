@@ -18,7 +18,7 @@ from modeling_deit_distill import DeiTDistillConfig, DeiTDistillForImageClassifi
 from .arguments import ModelArguments
 from .checkpoints import StartingPoint, load_starting_point
 from .errors import UserError
-from .transforms import output_size
+from .transforms import normalisation, output_size
 
 logger = logging.getLogger(__name__)
 
@@ -142,8 +142,9 @@ def _checkpoint_processor(
             "--image_size (and --image_mean/--image_std if it was not trained with ImageNet's)."
         )
     size_config = DeiTDistillConfig(image_size=image_size, patch_size=1, hidden_size=1, num_attention_heads=1)
-    mean = getattr(processor, "image_mean", None) or IMAGENET_DEFAULT_MEAN
-    std = getattr(processor, "image_std", None) or IMAGENET_DEFAULT_STD
+    mean, std = (
+        normalisation(processor) if processor is not None else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+    )
     return build_image_processor(
         size_config,
         crop_pct=_or(model_args.crop_pct, getattr(processor, "crop_pct", None) or DEFAULT_CROP_PCT),

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import AutoImageProcessor, AutoModelForImageClassification, PretrainedConfig
 
 from .errors import MissingPathError, UserError
-from .transforms import output_size
+from .transforms import normalisation, output_size
 
 logger = logging.getLogger(__name__)
 
@@ -130,11 +130,8 @@ class InputSpec:
     @classmethod
     def from_image_processor(cls, processor) -> InputSpec:
         """Read mean/std and the final (cropped) size from a transformers or timm-wrapper image processor."""
-        data_config = getattr(processor, "data_config", None)
-        if data_config:  # TimmWrapperImageProcessor
-            _, height, width = data_config["input_size"]
-            return cls(tuple(data_config["mean"]), tuple(data_config["std"]), (height, width))
-        return cls(tuple(processor.image_mean), tuple(processor.image_std), output_size(processor))
+        mean, std = normalisation(processor)
+        return cls(mean, std, output_size(processor))
 
 
 class TeacherInputAdapter(nn.Module):

@@ -42,8 +42,8 @@ def build_train_transform(image_processor: BaseImageProcessor, preset: str = "de
     common = {
         "input_size": (3, *output_size(image_processor)),
         "is_training": True,
-        "interpolation": _interpolation_name(image_processor.resample),
-        **_normalisation(image_processor),
+        "interpolation": _interpolation_name(image_processor),
+        **_normalisation_kwargs(image_processor),
     }
     if preset == "light":
         return create_transform(**common, scale=(0.8, 1.0), color_jitter=None)
@@ -74,7 +74,11 @@ def output_size(image_processor: BaseImageProcessor) -> tuple[int, int]:
     """`(height, width)` of the processor's output: its crop size, or its size when it does not crop.
 
     A `shortest_edge` size without centre crop has no fixed output shape; training uses a square of that edge.
+    timm's processor (`TimmWrapperImageProcessor`) keeps its settings in `data_config`.
     """
+    data_config = getattr(image_processor, "data_config", None)
+    if data_config:
+        return tuple(data_config["input_size"][-2:])
     cropped = getattr(image_processor, "do_center_crop", False)
     size = dict(image_processor.crop_size if cropped else image_processor.size)
     if size.get("height") is not None and size.get("width") is not None:
@@ -141,15 +145,28 @@ def _posterize_keeping_zero_bits(image: Image.Image, bits_to_keep: int, **kwargs
     return posterize(image, bits_to_keep, **kwargs)
 
 
-def _interpolation_name(resample: Any) -> str:
+def normalisation(image_processor: BaseImageProcessor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """`(mean, std)` the processor normalises with (a transformers or timm-wrapper processor)."""
+    data_config = getattr(image_processor, "data_config", None)
+    if data_config:
+        return tuple(data_config["mean"]), tuple(data_config["std"])
+    # A processor that does not normalise still rescales to [0, 1]; mean 0 and std 1 do the same.
+    if not image_processor.do_normalize:
+        return (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+    return tuple(image_processor.image_mean), tuple(image_processor.image_std)
+
+
+def _interpolation_name(image_processor: BaseImageProcessor) -> str:
     """timm's name for the processor's resampling: a PIL code (3 -> "bicubic") or a torchvision mode."""
+    data_config = getattr(image_processor, "data_config", None)
+    if data_config:
+        return data_config.get("interpolation", "bicubic")
+    resample = image_processor.resample
     if hasattr(resample, "value") and isinstance(resample.value, str):
         return resample.value
     return Image.Resampling(int(resample)).name.lower()
 
 
-def _normalisation(image_processor: BaseImageProcessor) -> dict[str, tuple[float, ...]]:
-    # A processor that does not normalise still rescales to [0, 1]; mean 0 and std 1 do the same.
-    if not image_processor.do_normalize:
-        return {"mean": (0.0, 0.0, 0.0), "std": (1.0, 1.0, 1.0)}
-    return {"mean": tuple(image_processor.image_mean), "std": tuple(image_processor.image_std)}
+def _normalisation_kwargs(image_processor: BaseImageProcessor) -> dict[str, tuple[float, ...]]:
+    mean, std = normalisation(image_processor)
+    return {"mean": mean, "std": std}

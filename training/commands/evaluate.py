@@ -101,6 +101,8 @@ def evaluate_model(
             processing_class=processor,
         )
         metrics = trainer.evaluate()
+    # Set when a Trainer evaluates before training; a run's own eval_results.json has no such key.
+    metrics.pop("eval_model_preparation_time", None)
     if record is not None and "epochs" in record.training:
         metrics["epoch"] = record.training["epochs"]
     return metrics
