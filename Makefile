@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# Pinned: these install from local wheels here, and the CPU-only torch 2.13 cannot load PyPI's torchvision.
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q -e '.[dev,onnx]'
 	touch $(STAMP)
 
 # The embedded default dataset: Debian's dataset-fashion-mnist (needs root or sudo the first time).

@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -28,6 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("paths", nargs="+", help="image files, or folders searched recursively")
     add_flag(parser, "top_k", type=int, default=3, help="labels per image (default 3)")
     add_flag(parser, "json", action="store_true", help="one JSON object per image instead of text")
+    add_flag(
+        parser, "onnx", action="store_true", help="MODEL is an `export` folder: run it with ONNX Runtime"
+    )
+    add_flag(parser, "onnx_file", default="model.onnx", help="with --onnx: e.g. model_int8.onnx")
     return parser
 
 
@@ -52,16 +57,20 @@ def main(argv: list[str] | None = None) -> int:
         raise UserError(f"--top_k must be >= 1, got {args.top_k}.")
     if not os.path.exists(args.model) and (args.model.startswith((".", "/")) or args.model.count("/") != 1):
         raise MissingPathError(f"predict: {args.model}: no such model folder.")
-    from transformers import pipeline
+    if args.onnx:
+        classifier, config = _onnx_classifier(args.model, args.onnx_file)
+    else:
+        from transformers import pipeline
 
-    # Our pipeline class whatever the folder says, so that older folders decode images as training does too.
-    classifier = pipeline(
-        "image-classification",
-        model=args.model,
-        trust_remote_code=True,
-        pipeline_class=DeiTDistillImageClassificationPipeline,
-    )
-    top_k = min(args.top_k, classifier.model.config.num_labels)
+        # Our pipeline class whatever the folder says, so that older folders decode images as training does too.
+        classifier = pipeline(
+            "image-classification",
+            model=args.model,
+            trust_remote_code=True,
+            pipeline_class=DeiTDistillImageClassificationPipeline,
+        )
+        config = classifier.model.config
+    top_k = min(args.top_k, config.num_labels)
     failed = 0
     for path in image_files(args.paths):
         try:
@@ -86,3 +95,18 @@ def main(argv: list[str] | None = None) -> int:
     if failed:
         print(f"deit-distill predict: {failed} file(s) could not be classified.", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _onnx_classifier(folder: str, file_name: str) -> tuple[Any, Any]:
+    """The pipeline-shaped ONNX Runtime runner of an export folder, and its config."""
+    from training.onnx_export import require_onnx
+
+    require_onnx(["onnxruntime"])
+    from modeling_deit_distill.onnx_classifier import OnnxImageClassifier
+
+    if not os.path.isfile(os.path.join(folder, file_name)):
+        raise MissingPathError(
+            f"predict --onnx: {folder} has no {file_name}; write it with `deit-distill export`."
+        )
+    classifier = OnnxImageClassifier.from_pretrained(folder, file_name=file_name)
+    return classifier, classifier.config

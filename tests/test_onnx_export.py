@@ -1,0 +1,190 @@
+"""ONNX export (`deit-distill export`), int8 quantization and the pipeline-shaped ONNX Runtime runner.
+
+References are independent of the code under test: PyTorch's own forward for the exported graph, and
+`pipeline("image-classification")` on the saved PyTorch model for the runner.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import ResNetConfig, ResNetForImageClassification, pipeline
+
+from modeling_deit_distill import (
+    DeiTDistillConfig,
+    DeiTDistillForImageClassification,
+    DeiTDistillImageClassificationPipeline,
+    build_image_processor,
+)
+from training.commands.cli import main as cli
+from training.onnx_export import export_onnx
+from training.run_record import RunRecord
+
+ort = pytest.importorskip("onnxruntime")
+
+TINY = {"patch_size": 8, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "num_labels": 5}
+
+
+def build(kind: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if kind == "vit":  # no distillation token, non-square input
+        config = DeiTDistillConfig(
+            image_size=(32, 24), use_distillation_token=False, inference_head="cls", **TINY
+        )
+    elif kind == "distilled":
+        config = DeiTDistillConfig(image_size=40, **TINY)
+    else:  # a convnet teacher, as `train --architecture resnet` makes
+        config = ResNetConfig(
+            embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], layer_type="basic", num_labels=5
+        )
+        config.image_size = 32
+        return ResNetForImageClassification(config).eval()
+    return DeiTDistillForImageClassification(config).eval()
+
+
+@pytest.mark.parametrize(("kind", "heads"), [("vit", False), ("distilled", True), ("resnet", False)])
+def test_exported_graph_computes_the_pytorch_outputs_at_two_batch_sizes(kind, heads, tmp_path):
+    model = build(kind)
+    processor = build_image_processor(model.config, crop_pct=1.0)
+    report = export_onnx(model, processor, tmp_path, heads=heads)
+
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["pixel_values"]
+    names = [o.name for o in session.get_outputs()]
+    assert names == report.outputs == ["logits", *(["cls_logits", "distillation_logits"] if heads else [])]
+    assert (tmp_path / "config.json").is_file() and (tmp_path / "preprocessor_config.json").is_file()
+    for batch in (1, 4):  # the graph was traced at 2: the batch dimension must be dynamic
+        pixels = torch.randn(batch, *report.input_shape)
+        with torch.no_grad():
+            expected = model(pixel_values=pixels)
+        for name, value in zip(names, session.run(None, {"pixel_values": pixels.numpy()}), strict=True):
+            np.testing.assert_allclose(value, expected[name].numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_heads_are_refused_for_a_model_without_distillation_token(tmp_path):
+    model = build("vit")
+    with pytest.raises(ValueError, match="no distillation token"):
+        export_onnx(model, build_image_processor(model.config), tmp_path, heads=True)
+
+
+def image_inputs(folder: Path) -> list:
+    """Paths and opened PIL images of several modes, as users pass them."""
+    rng = np.random.default_rng(0)
+    rgb = folder / "rgb.png"
+    Image.fromarray(rng.integers(0, 255, (50, 37, 3), dtype=np.uint8)).save(rgb)
+    grey = folder / "grey.jpg"
+    Image.fromarray(rng.integers(0, 255, (20, 30), dtype=np.uint8)).save(grey)
+    rgba = Image.fromarray(rng.integers(0, 255, (33, 33, 4), dtype=np.uint8))
+    sixteen_bit = Image.fromarray(rng.integers(0, 65536, (28, 28), dtype=np.uint16))
+    return [str(rgb), str(grey), rgba, sixteen_bit]
+
+
+def assert_same_predictions(got: list[dict], want: list[dict]) -> None:
+    assert [p["label"] for p in got] == [p["label"] for p in want]
+    assert [p["score"] for p in got] == pytest.approx([p["score"] for p in want], abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The conftest's tiny distilled model exported by the command, with a dynamic int8 copy."""
+    out = tmp_path_factory.mktemp("exported")
+    assert cli(["export", str(tiny_model_dir), "--output", str(out), "--quantize", "int8"]) == 0
+    return out
+
+
+def test_runner_returns_the_pipelines_labels_and_scores_on_the_same_images(
+    exported, tiny_model_dir, tmp_path
+):
+    from modeling_deit_distill.onnx_classifier import OnnxImageClassifier
+
+    images = image_inputs(tmp_path)
+    classifier = pipeline(
+        "image-classification",
+        model=str(tiny_model_dir),
+        trust_remote_code=True,
+        pipeline_class=DeiTDistillImageClassificationPipeline,
+    )
+    runner = OnnxImageClassifier.from_pretrained(exported)
+
+    # The same pixels reach both models.
+    fed = []
+    hook = classifier.model.register_forward_pre_hook(
+        lambda _, args, kwargs: fed.append(kwargs["pixel_values"]), with_kwargs=True
+    )
+    expected = [classifier(image, top_k=3) for image in images]
+    hook.remove()
+    np.testing.assert_array_equal(runner.preprocess(images), torch.cat(fed).numpy())
+
+    for got, want in zip(runner(images, top_k=3), expected, strict=True):
+        assert_same_predictions(got, want)
+    assert_same_predictions(runner(images[0]), runner(images, top_k=5)[0])  # one image: one list
+
+
+def test_int8_export_is_smaller_and_runs(exported):
+    int8 = exported / "model_int8.onnx"
+    assert int8.stat().st_size < (exported / "model.onnx").stat().st_size
+    session = ort.InferenceSession(str(int8), providers=["CPUExecutionProvider"])
+    report = json.loads((exported / "onnx_export.json").read_text())
+    logits = session.run(None, {"pixel_values": np.zeros((2, *report["input_shape"]), np.float32)})[0]
+    assert logits.shape[0] == 2 and np.isfinite(logits).all()
+    assert report["int8"]["mode"] == "dynamic" and set(report["max_difference"]) == {"1", "3"}
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_int8_of_a_run_reports_top1_of_both_on_its_evaluation_split(mode, tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    run = Path(shutil.copytree(tiny_model_dir, tmp_path / "run"))
+    data = tmp_path / "data"
+    rng = np.random.default_rng(0)
+    for label in ("cat", "dog", "bird", "fish", "frog"):  # 4 images a class, half held out for evaluation
+        (data / label).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(data / label / f"{i}.png")
+    RunRecord(data={"dataset_name": str(data), "eval_fraction": 0.5, "seed": 0}).write(run)
+
+    args = ["export", str(run), "--output", str(tmp_path / "out"), "--quantize", "int8", "--int8_mode", mode]
+    assert cli(args) == 0
+    assert "top-1 on the run's evaluation split (10 images)" in capsys.readouterr().out
+    measured = json.loads((tmp_path / "out" / "onnx_export.json").read_text())["int8"]
+    assert measured["mode"] == mode and measured["num_images"] == 10
+    assert 0 <= measured["int8_top1"] <= 100 and 0 <= measured["agreement"] <= 100
+
+
+def test_predict_onnx_prints_the_runners_predictions(exported, tmp_path, capsys):
+    from modeling_deit_distill.onnx_classifier import OnnxImageClassifier
+
+    paths = [p for p in image_inputs(tmp_path) if isinstance(p, str)]
+    capsys.readouterr()
+    assert cli(["predict", str(exported), "--onnx", *paths, "--json", "--top_k", "2"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    runner = OnnxImageClassifier.from_pretrained(exported)
+    assert [line["file"] for line in lines] == paths
+    for line, want in zip(lines, runner(paths, top_k=2), strict=True):
+        assert_same_predictions(line["predictions"], want)
+    assert cli(["predict", str(exported), "--onnx", "--onnx_file", "model_int8.onnx", paths[0]]) == 0
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("deit-distill: error: "), err
+    return err[0]
+
+
+def test_bad_inputs_give_one_clear_line(exported, tmp_path, monkeypatch, capsys):
+    assert cli(["export", str(tmp_path / "missing"), "--output", str(tmp_path / "out")]) == 2
+    assert "no such run or model folder" in one_error_line(capsys)
+    assert cli(["predict", str(tmp_path), "--onnx", "x.png"]) == 2
+    assert "has no model.onnx" in one_error_line(capsys)
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if the extra were not installed
+    assert cli(["export", str(exported), "--output", str(tmp_path / "out")]) == 2
+    assert "pip install 'deit-distill[onnx]'" in one_error_line(capsys)
+    assert cli(["predict", str(exported), "--onnx", "x.png"]) == 2
+    assert "pip install 'deit-distill[onnx]'" in one_error_line(capsys)
