@@ -5,7 +5,6 @@ deit-distill eval MODEL_OR_RUN [ARGS]       evaluate every head (and the teacher
 deit-distill predict MODEL FILES/DIRS...    classify images (files and folders), text or --json
 deit-distill convert ...                    convert transformers/timm checkpoints, both directions
 deit-distill export MODEL --output OUT      ONNX export (checked against PyTorch), optionally int8
-deit-distill export MODEL --output OUT      ONNX export (checked against PyTorch), optionally int8
 deit-distill card RUN_DIR                   regenerate a run's model card
 deit-distill push RUN_DIR --repo_id ID      push a run to the Hub (optionally with a native copy)
 deit-distill demo                           the end-to-end Fashion-MNIST demo
@@ -31,7 +30,6 @@ COMMANDS = {
     "eval": "evaluate",
     "predict": "predict",
     "convert": "convert",
-    "export": "export",
     "export": "export",
     "card": "hub",
     "push": "hub",
