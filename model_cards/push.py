@@ -99,19 +99,28 @@ def push_run(
             )
             message = commit_message or f"Upload DeiT distillation run {run.path.resolve().name}"
             commit = _commit(api, repo_id, revision, {**model_files, **card_files}, message)
-            native_commit = None
-            if native_repo_id:
-                if native_repo_id != repo_id:
-                    api.create_repo(native_repo_id, private=private, exist_ok=True)
-                # A branch starts as a copy of main: drop main's modeling code so the copy holds no remote code.
-                native_commit = _commit(
-                    api,
-                    native_repo_id,
-                    native_revision,
-                    {**native_files, **card_files},
-                    f"{message} (transformers-native copy, no remote code)",
-                    remove=code,
-                )
+        native_commit = None
+        if native_repo_id:
+            where = f"{native_repo_id}" + (f" (branch {native_revision})" if native_revision else "")
+            try:
+                with _explain_hub_errors(api.endpoint):
+                    if native_repo_id != repo_id:
+                        api.create_repo(native_repo_id, private=private, exist_ok=True)
+                    # A branch starts as a copy of main: drop main's modeling code so the copy holds no remote code.
+                    native_commit = _commit(
+                        api,
+                        native_repo_id,
+                        native_revision,
+                        {**native_files, **card_files},
+                        f"{message} (transformers-native copy, no remote code)",
+                        remove=code,
+                    )
+            except PushError as error:
+                # Half a push: say what is on the Hub and what is not, so a rerun is an informed choice.
+                raise PushError(
+                    f"The model was pushed ({commit.commit_url}), but the transformers-native copy to {where} was "
+                    f"not: {error} Pushing again repeats both (the model's commit is then empty)."
+                ) from error
     return PushResult(str(repo_url), commit.commit_url, native_commit.commit_url if native_commit else None)
 
 

@@ -270,3 +270,23 @@ def test_cli_push_and_card_commands_reach_the_hub(make_run, hub_client, hub_serv
     )
     assert "native" in hub_server.branches("test-user/cli-push")
     assert (run / "README.md").exists()  # `card` writes into the run; `push` does not modify it
+
+
+def test_a_push_that_fails_half_way_says_what_was_pushed_and_what_was_not(make_run, hub, hub_client):
+    run = make_run("deit-half")
+    repo = "test-user/deit-push-half"
+    # The model's commit to main goes through; the native copy's commit to its branch fails.
+    hub.inject_fault(500, "storage backend unavailable", method="POST", path=r"/commit/native")
+    [result] = hub_client(
+        PUSH,
+        {
+            "pushes": [
+                {"run": str(run), "repo": repo, "kwargs": {"token": DEFAULT_TOKEN, "push_native": "native"}}
+            ]
+        },
+    )
+    message = result["error"]["message"]
+    assert result["error"]["type"] == "PushError"
+    assert "The model was pushed" in message and "/commit/" in message
+    assert f"transformers-native copy to {repo} (branch native) was not" in message
+    assert "model.safetensors" in hub.files(repo)
