@@ -32,6 +32,7 @@ from transformers import (
 )
 
 from modeling_deit_distill import DeiTDistillForImageClassification, from_transformers_deit
+from training.checkpoints import load_starting_point
 from training.commands.cli import main as cli
 from training.run_record import RunRecord, read_eval_results
 
@@ -157,7 +158,9 @@ def test_pretrained_convnets_are_fine_tuned_as_they_are_with_their_own_preproces
         assert record.model["num_parameters"] < 2_000_000  # nothing of the 340M-parameter accident
     # Each keeps its own preprocessing: the ConvNeXt its image processor, the timm model its pretrained_cfg.
     processor = AutoImageProcessor.from_pretrained(workflow.teacher)
-    assert type(processor).__name__.startswith("ConvNextImageProcessor") and processor.size == {"shortest_edge": 32}
+    assert type(processor).__name__.startswith("ConvNextImageProcessor") and processor.size == {
+        "shortest_edge": 32
+    }
     timm_processor = AutoImageProcessor.from_pretrained(workflow.timm_teacher)
     assert timm_processor.data_config["input_size"] == (3, 32, 32)
     assert tuple(timm_processor.data_config["mean"]) == (0.5,) * 3
@@ -256,3 +259,26 @@ def test_a_distilled_run_is_pushed_and_runs_in_the_pipeline_where_the_project_is
     )
     assert sorted(p["label"] for p in predictions) == sorted(CLASSES)
     assert sum(p["score"] for p in predictions) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_same_sized_head_for_other_classes_is_reordered_or_started_afresh(tmp_path):
+    torch.manual_seed(1)
+    config = ConvNextConfig(
+        depths=[1], hidden_sizes=[8], num_stages=1, num_labels=3, id2label={0: "red", 1: "blue", 2: "green"}
+    )
+    source = ConvNextForImageClassification(config).eval()
+    source.save_pretrained(tmp_path / "rgb")
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = source(pixels).logits
+
+    # The dataset's classes in another order: the head's rows follow them, so predictions keep their meaning.
+    reordered = load_starting_point(str(tmp_path / "rgb"), dict(enumerate(CLASSES))).model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reordered(pixels).logits, expected[:, [1, 2, 0]])
+    # Other classes of the same count: a new head, not the old classes under new names.
+    other = load_starting_point(str(tmp_path / "rgb"), {0: "cat", 1: "dog", 2: "fox"}).model
+    assert not torch.equal(other.classifier.weight, source.classifier.weight)
+    assert torch.equal(
+        other.convnext.embeddings.patch_embeddings.weight, source.convnext.embeddings.patch_embeddings.weight
+    )

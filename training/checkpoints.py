@@ -250,8 +250,44 @@ def load_starting_point(
     model = AutoModelForImageClassification.from_pretrained(
         source, config=model_config, ignore_mismatched_sizes=True, **options
     )
+    original = config.get("id2label") or {}
+    original_names = [original.get(str(i), original.get(i)) for i in range(len(original))]
+    if len(original_names) == len(id2label):
+        _match_head_to_labels(model, original_names, [id2label[i] for i in range(len(id2label))])
     logger.info("Fine-tuning %s (%s) as it is, for %d classes.", source, type(model).__name__, len(id2label))
     return StartingPoint(model, processor, source, "as_is", hub_id)
+
+
+def _match_head_to_labels(model: nn.Module, original: list[str], names: list[str]) -> None:
+    """A head of the right size can still be for other classes: reorder its rows, or start it afresh.
+
+    transformers keeps a same-sized head whatever the new `id2label` says, so a checkpoint whose 10 classes are
+    not the dataset's 10 would predict the old classes under the new names.
+    """
+    if original == names:
+        return
+    head = next(
+        (
+            m
+            for m in reversed(list(model.modules()))
+            if isinstance(m, nn.Linear) and m.out_features == len(names)
+        ),
+        None,
+    )
+    if head is None:
+        raise UserError(
+            f"Cannot find the classification layer of {type(model).__name__} to fit it to the dataset's classes."
+        )
+    with torch.no_grad():
+        if sorted(original) == sorted(names) and len(set(names)) == len(names):
+            order = torch.tensor([original.index(name) for name in names])
+            head.weight.copy_(head.weight[order])
+            if head.bias is not None:
+                head.bias.copy_(head.bias[order])
+            logger.info("The checkpoint's classes are the dataset's in another order: head rows reordered.")
+            return
+        head.reset_parameters()
+    logger.info("The checkpoint's %d classes are not the dataset's: new classification head.", len(names))
 
 
 def _model_config(source: str, **overrides: Any) -> PretrainedConfig:
