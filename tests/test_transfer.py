@@ -282,3 +282,33 @@ def test_a_same_sized_head_for_other_classes_is_reordered_or_started_afresh(tmp_
     assert torch.equal(
         other.convnext.embeddings.patch_embeddings.weight, source.convnext.embeddings.patch_embeddings.weight
     )
+
+
+def test_an_official_timm_state_dict_file_starts_a_student_with_timms_outputs(tmp_path):
+    torch.manual_seed(2)
+    reference = timm.create_model(
+        "deit_tiny_distilled_patch16_224", pretrained=False, img_size=32, patch_size=8, embed_dim=64, depth=1,
+        num_heads=1, num_classes=4,
+    ).eval()  # fmt: skip
+    torch.save({"model": reference.state_dict()}, tmp_path / "deit.pth")  # the official checkpoints' layout
+    labels = {i: f"class{i}" for i in range(4)}
+    start = load_starting_point(str(tmp_path / "deit.pth"), labels)
+    assert start.kind == "timm" and start.model.config.num_attention_heads == 1  # width 64 / 64 per head
+    pixels = torch.randn(2, 3, 32, 32)
+    # The backbone is timm's; a state dict names no classes, so the heads are new ones for the dataset's labels.
+    with torch.no_grad():
+        torch.testing.assert_close(
+            start.model.eval().forward_features(pixels),
+            reference.forward_features(pixels),
+            atol=1e-5,
+            rtol=1e-5,
+        )
+    assert [start.model.config.id2label[i] for i in range(4)] == list(labels.values())
+
+
+def test_the_card_states_the_epochs_and_steps_actually_trained(workflow):
+    # --max_steps 2 on 32 training images in batches of 8 stops half-way through the first epoch.
+    training = RunRecord.read(workflow.student).training
+    assert (training["epochs"], training["steps"]) == (0.5, 2)
+    card = (workflow.student / "README.md").read_text()
+    assert "| epochs trained | 0.5 |" in card and "| optimizer steps | 2 |" in card
