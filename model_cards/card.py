@@ -293,10 +293,12 @@ def generate_model_card(
     revision: str | None = None,
     native_repo_id: str | None = None,
     native_revision: str | None = None,
+    onnx_folder: str | None = None,
 ) -> ModelCard:
     """The card of a run. `repo_id`/`revision` are where the model is (or will be) pushed and go into the usage
     snippets; a native (no remote code) copy is described when `native_repo_id` or `native_revision` is given
-    (`native_repo_id` defaults to `repo_id`, `native_revision` to the main branch)."""
+    (`native_repo_id` defaults to `repo_id`, `native_revision` to the main branch), and the ONNX export when
+    `onnx_folder` (its folder in the repo) is."""
     run = read_run(run_dir)
     facts = _Facts(run, repo_id)
     eval_results = facts.eval_results()
@@ -334,6 +336,7 @@ def generate_model_card(
         native_where=f"`{native_repo}`" + (f" (branch `{native_revision}`)" if native_revision else ""),
         native_class=native_model_class(run.config),
         inference_head=facts.inference_head,
+        onnx_folder=onnx_folder,
         limitations=facts.limitations(),
     )
 
@@ -358,6 +361,7 @@ def render_card_files(
     revision: str | None = None,
     native_repo_id: str | None = None,
     native_revision: str | None = None,
+    onnx_folder: str | None = None,
 ) -> dict[str, bytes]:
     """`README.md` and, when the run logged anything, `training_curves.png`, as bytes; nothing is written.
     The arguments are those of `generate_model_card`."""
@@ -367,6 +371,7 @@ def render_card_files(
         revision=revision,
         native_repo_id=native_repo_id,
         native_revision=native_revision,
+        onnx_folder=onnx_folder,
     )
     files = {CARD_FILE: str(card).encode("utf-8")}
     plot = plot_training_curves(read_run(run_dir).log_history)

@@ -25,6 +25,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from .card import render_card_files
 from .run import CONFIG_FILE, PREPROCESSOR_FILE, Run, code_files, read_run, weight_files
 
+ONNX_FOLDER = "onnx"  # where `with_onnx` puts the exported files in the repo
 NO_TOKEN_MESSAGE = (
     "No Hugging Face token found, and pushing needs one with write access. Log in with `huggingface-cli login` "
     "(`hf auth login` in recent versions), set the HF_TOKEN environment variable, or pass the token "
@@ -52,10 +53,12 @@ def push_run(
     revision: str | None = None,
     commit_message: str | None = None,
     push_native: str | None = None,
+    with_onnx: bool = False,
 ) -> PushResult:
     """Upload the model of `run_dir` to `repo_id` (created if missing, `private` then applies; `revision` is a
     branch, created from main if missing). `push_native` also pushes the transformers-native copy: a name
-    containing "/" is another repo id (its main branch), anything else a branch of `repo_id`.
+    containing "/" is another repo id (its main branch), anything else a branch of `repo_id`. `with_onnx` also
+    exports the model to ONNX (fp32, checked against PyTorch, and dynamic int8) and pushes it under `onnx/`.
 
     Raises `FileNotFoundError` for an incomplete run and `PushError` when there is no token, the Hub cannot be
     reached or the Hub refuses a request.
@@ -85,6 +88,7 @@ def push_run(
     api = HfApi(token=token)
     with tempfile.TemporaryDirectory() as staging:
         native_files = _stage_native_copy(run, Path(staging)) if native_repo_id else {}
+        onnx_files = _stage_onnx(run, Path(staging) / ONNX_FOLDER) if with_onnx else {}
         with _explain_hub_errors(api.endpoint):
             repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
             # A bare name gets the token owner's namespace: the card and the commits need the full id.
@@ -96,9 +100,10 @@ def push_run(
                 revision=revision,
                 native_repo_id=native_repo_id,
                 native_revision=native_revision,
+                onnx_folder=ONNX_FOLDER if with_onnx else None,
             )
             message = commit_message or f"Upload DeiT distillation run {run.path.resolve().name}"
-            commit = _commit(api, repo_id, revision, {**model_files, **card_files}, message)
+            commit = _commit(api, repo_id, revision, {**model_files, **onnx_files, **card_files}, message)
         native_commit = None
         if native_repo_id:
             where = f"{native_repo_id}" + (f" (branch {native_revision})" if native_revision else "")
@@ -140,6 +145,21 @@ def _stage_native_copy(run: Run, staging: Path) -> dict[str, Path | bytes]:
         **{path.name: path for path in staging.iterdir()},
         PREPROCESSOR_FILE: run.path / PREPROCESSOR_FILE,
     }
+
+
+def _stage_onnx(run: Run, folder: Path) -> dict[str, Path]:
+    """`deit-distill export`'s files for the run's model (with a dynamic int8 copy) in `folder`, keyed by their
+    path in the repo. Runs before any request, so a missing onnx extra or a failed check stops the push."""
+    from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    from training.onnx_export import INT8_FILE, ONNX_FILE, export_onnx, quantize_int8
+
+    model = AutoModelForImageClassification.from_pretrained(run.path, trust_remote_code=True)
+    report = export_onnx(model, AutoImageProcessor.from_pretrained(run.path), folder, source=run.path.name)
+    quantize_int8(folder / ONNX_FILE, folder / INT8_FILE, "dynamic")
+    report.int8 = {"mode": "dynamic", "file": INT8_FILE}
+    report.write(folder)
+    return {f"{ONNX_FOLDER}/{path.name}": path for path in sorted(folder.iterdir())}
 
 
 def _commit(

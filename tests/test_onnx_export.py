@@ -188,3 +188,51 @@ def test_bad_inputs_give_one_clear_line(exported, tmp_path, monkeypatch, capsys)
     assert "pip install 'deit-distill[onnx]'" in one_error_line(capsys)
     assert cli(["predict", str(exported), "--onnx", "x.png"]) == 2
     assert "pip install 'deit-distill[onnx]'" in one_error_line(capsys)
+
+
+# Push with the ONNX export, then run the card's two ONNX snippets as written (in the folder holding image.jpg).
+PUSH_AND_RUN_CARD = """
+import contextlib, io, json, re
+from huggingface_hub import ModelCard
+from model_cards.push import push_run
+
+push_run(PARAMS["run"], PARAMS["repo"], with_onnx=True)
+card = ModelCard.load(PARAMS["repo"])
+runner_snippet, plain_snippet = re.findall(
+    r"```python\\n(.*?)```", card.text.split("### ONNX Runtime")[1], flags=re.DOTALL
+)
+namespace = {}
+exec(runner_snippet, namespace)
+printed = io.StringIO()
+with contextlib.redirect_stdout(printed):
+    exec(plain_snippet, {})
+print(json.dumps({"predictions": namespace["predictions"], "printed": printed.getvalue().strip()}))
+"""
+
+
+def test_push_with_onnx_uploads_the_export_and_the_cards_snippets_run(
+    exported, make_run, hub_client, hub_server, tmp_path
+):
+    from hub_server import DEFAULT_TOKEN
+
+    from modeling_deit_distill.onnx_classifier import OnnxImageClassifier
+
+    run, repo = make_run("deit-onnx"), "test-user/deit-onnx"
+    rgb = np.random.default_rng(0).integers(0, 256, size=(40, 48, 3), dtype=np.uint8)
+    Image.fromarray(rgb).save(tmp_path / "image.jpg")
+    result = hub_client(PUSH_AND_RUN_CARD, {"run": str(run), "repo": repo}, token=DEFAULT_TOKEN, cwd=tmp_path)
+
+    files = hub_server.files(repo)
+    for name in (
+        "model.onnx",
+        "model_int8.onnx",
+        "config.json",
+        "preprocessor_config.json",
+        "onnx_export.json",
+    ):
+        assert f"onnx/{name}" in files
+    assert "model.safetensors" in files  # the model itself, as without --with_onnx
+    # The run's weights are the tiny model's, so the export equals the `exported` fixture's.
+    expected = OnnxImageClassifier.from_pretrained(exported)(str(tmp_path / "image.jpg"))
+    assert_same_predictions(result["predictions"], expected)
+    assert result["printed"] == expected[0]["label"]

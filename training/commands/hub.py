@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="also push a transformers-native copy (no remote code) to this branch, or to this repo id if it "
         "contains '/'",
     )
+    add_flag(push, "with_onnx", action="store_true", help="also push an ONNX export (fp32, int8) in onnx/")
     return parser
 
 
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             revision=args.revision,
             commit_message=args.commit_message,
             push_native=args.push_native,
+            with_onnx=args.with_onnx,
         )
     except PushError as error:
         raise UserError(str(error)) from error
