@@ -2,6 +2,7 @@
 
 deit-distill train ARGS | recipe.json       train a student, or fine-tune any image classifier (a teacher)
 deit-distill eval MODEL_OR_RUN [ARGS]       evaluate every head (and the teacher) on a dataset split
+deit-distill analyze MODEL_OR_RUN [ARGS]    CLS/DIST token and head cosines, per-head agreement (--json)
 deit-distill predict MODEL FILES/DIRS...    classify images (files and folders), text or --json
 deit-distill convert ...                    convert transformers/timm checkpoints, both directions
 deit-distill export MODEL --output OUT      ONNX export (checked against PyTorch), optionally int8
@@ -35,6 +36,7 @@ COMMANDS = {
     "push": "hub",
     "demo": "demo",
     "cache-teacher": "cache_teacher",
+    "analyze": "analyze",
     "push-cache": "push_cache",
 }
 _EXPECTED_ERRORS = (UserError, FileNotFoundError, CorruptImageError)

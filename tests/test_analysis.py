@@ -1,0 +1,173 @@
+"""`training.analysis` and `deit-distill analyze` against hand computations, and the paper table's quick run.
+
+The quick table (`bench/paper_table.py --quick`, one seed, one regime, tiny models on 40 images) leaves run
+directories with their teachers behind, which the `analyze` command then reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from modeling_deit_distill import DeiTDistillConfig, DeiTDistillForImageClassification
+from training.analysis import analyze_model, head_agreement, head_weight_cosine
+from training.commands.cli import main as cli
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = {
+    "image_size": 28,
+    "patch_size": 7,
+    "hidden_size": 16,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 2,
+    "num_labels": 4,
+}
+NAMES = ["a", "b", "c", "d"]
+
+
+def tiny_model(seed: int = 0) -> DeiTDistillForImageClassification:
+    torch.manual_seed(seed)
+    return DeiTDistillForImageClassification(DeiTDistillConfig(**TINY)).eval()
+
+
+def batches(num: int = 2, size: int = 5) -> list[dict[str, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    return [
+        {"pixel_values": torch.randn(size, 3, 28, 28, generator=generator), "labels": torch.arange(size) % 4}
+        for _ in range(num)
+    ]
+
+
+def numpy_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def test_a_dist_token_position_row_and_head_equal_to_cls_give_cosine_one_at_every_layer():
+    model = tiny_model()
+    with torch.no_grad():
+        embeddings = model.deit.embeddings
+        embeddings.distillation_token.copy_(embeddings.cls_token)
+        embeddings.position_embeddings[:, 1].copy_(embeddings.position_embeddings[:, 0])
+        model.distillation_classifier.load_state_dict(model.cls_classifier.state_dict())
+    result = analyze_model(model, batches(), NAMES)
+    assert len(result["cls_dist_cosine"]) == TINY["num_hidden_layers"] + 1  # embeddings, then every block
+    np.testing.assert_allclose(result["cls_dist_cosine"], 1.0, atol=1e-5)
+    assert result["head_weight_cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert result["heads_agree"] == 1.0
+
+
+def test_token_cosines_match_a_hand_computation_from_the_parameters_and_the_blocks():
+    model = tiny_model(seed=3)
+    data = batches()
+    result = analyze_model(model, data, NAMES)
+    # Embedding position: the learned tokens plus their position rows, the same for every image.
+    embeddings = model.deit.embeddings
+    position = embeddings.position_embeddings[0].detach().numpy()
+    cls = embeddings.cls_token[0, 0].detach().numpy() + position[0]
+    dist = embeddings.distillation_token[0, 0].detach().numpy() + position[1]
+    expected = [float(numpy_cosine(cls, dist))]
+    # Every block, run by hand (no output capturing), then the mean over all images.
+    with torch.no_grad():
+        per_block = [[] for _ in model.deit.layers]
+        for batch in data:
+            hidden = embeddings(batch["pixel_values"])
+            for index, layer in enumerate(model.deit.layers):
+                hidden = layer(hidden, None)
+                per_block[index].append(numpy_cosine(hidden[:, 0].numpy(), hidden[:, 1].numpy()))
+    expected += [float(np.concatenate(values).mean()) for values in per_block]
+    np.testing.assert_allclose(result["cls_dist_cosine"], expected, atol=1e-5)
+    weights = [head.weight.detach().numpy().ravel() for head in model.get_classifier()]
+    assert head_weight_cosine(model) == pytest.approx(float(numpy_cosine(*weights)), abs=1e-6)
+
+
+def test_head_agreement_counts_match_a_hand_count():
+    cls = np.array([[2.0, 0, 0], [0, 2, 0], [0, 2, 0], [0, 0, 2]])  # predicts 0, 1, 1, 2
+    dist = np.array([[2.0, 0, 0], [0, 0, 2], [0, 2, 0], [2, 0, 0]])  # predicts 0, 2, 1, 0
+    labels = np.array([0, 1, 2, 2])
+    teacher = np.array([[1.0, 0, 0], [0, 0, 1], [0, 0, 1], [1, 0, 0]])  # says 0, 2, 2, 0
+    result = head_agreement(cls, dist, labels, ["x", "y", "z"], teacher)
+    # avg = (cls + dist) / 2 predicts 0, 1 (tie 1/2: first), 1, 0 (tie 0/2: first)
+    assert result["labels_agreement"] == {"cls": 0.75, "dist": 0.25, "avg": 0.5}
+    assert result["teacher_agreement"] == {"cls": 0.25, "dist": 0.75, "avg": 0.5}
+    assert result["teacher_accuracy"] == 0.5
+    assert result["per_class"]["z"] == {
+        "count": 2,
+        "cls_labels": 0.5, "dist_labels": 0.0, "avg_labels": 0.0,
+        "cls_teacher": 0.0, "dist_teacher": 0.5, "avg_teacher": 0.5,
+    }  # fmt: skip
+    assert result["head_confusion"] == [[1, 0, 0], [0, 1, 1], [1, 0, 0]]
+    assert result["heads_agree"] == 0.5
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory) -> Path:
+    """The quick paper table: teachers and students of one seed in the light regime."""
+    spec = importlib.util.spec_from_file_location("paper_table", ROOT / "bench" / "paper_table.py")
+    paper_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(paper_table)
+    out = tmp_path_factory.mktemp("table")
+    paper_table.main(
+        ["--quick", "--regimes", "light", "--output_dir", str(out), "--results", str(out / "RESULTS.md")]
+    )
+    return out
+
+
+def test_paper_table_quick_writes_every_row_with_a_plot_and_the_per_seed_numbers(table):
+    document = (table / "RESULTS.md").read_text()
+    for row in ("1. no distillation", "2. usual soft", "3. hard distillation", "4. DIST token, DIST head",
+                "5. DIST token, CLS+DIST average", "transformer teacher", "a convnet teacher beats"):  # fmt: skip
+        assert row in document
+    assert (table / "paper_table.png").stat().st_size > 0
+    runs = json.loads((table / "paper_table.json").read_text())
+    assert set(runs["students"]["light/hard_token/0"]) >= {"cls", "dist", "avg", "curve", "cls_dist_cosine"}
+    assert "dist" not in runs["students"]["light/hard_plain/0"]  # a plain ViT has one head
+    assert runs["caches"]["light/0"]["cpu_s"] > 0  # the convnet teacher was cached, then replayed
+
+
+def test_analyze_a_run_uses_its_own_split_and_teacher_and_prints_json(table):
+    run = table / "seed0" / "light" / "hard_token"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert cli(["analyze", str(run), "--json"]) == 0
+    result = json.loads(printed.getvalue())
+    assert len(result["cls_dist_cosine"]) == 2  # embeddings and the one block of the quick student
+    assert result["num_images"] == 40  # the run's own evaluation split
+    assert set(result["teacher_agreement"]) == {"cls", "dist", "avg"}  # the run's own teacher
+    assert not (run / "analysis.png").exists()  # --json draws no plot unless asked
+
+
+def test_analyze_prints_a_table_and_draws_a_plot_without_a_teacher(table, tmp_path):
+    run = table / "seed0" / "light" / "hard_token"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert (
+            cli(
+                [
+                    "analyze",
+                    str(run),
+                    "--teacher",
+                    "none",
+                    "--max_eval_samples",
+                    "20",
+                    "--plot",
+                    str(tmp_path / "a.png"),
+                ]
+            )
+            == 0
+        )
+    text = printed.getvalue()
+    assert "| block 1 |" in text and "cls vs labels" in text and "teacher" not in text.split("plot:")[0]
+    assert (tmp_path / "a.png").stat().st_size > 0
+
+
+def test_analyze_refuses_a_model_without_a_distillation_token(table, capsys):
+    assert cli(["analyze", str(table / "seed0" / "light" / "none")]) == 2
+    assert "no distillation token" in capsys.readouterr().err
