@@ -10,6 +10,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +113,7 @@ def table(tmp_path_factory) -> Path:
     """The quick paper table: teachers and students of one seed in the light regime."""
     spec = importlib.util.spec_from_file_location("paper_table", ROOT / "bench" / "paper_table.py")
     paper_table = importlib.util.module_from_spec(spec)
+    sys.modules["paper_table"] = paper_table  # dataclasses look their module up there
     spec.loader.exec_module(paper_table)
     out = tmp_path_factory.mktemp("table")
     paper_table.main(
