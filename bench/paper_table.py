@@ -94,8 +94,8 @@ class TableConfig:
     train_samples: int = 1000
     eval_samples: int = 2000
     student: str = "patch_size=7,hidden_size=64,num_hidden_layers=4,num_attention_heads=2"
-    student_epochs: int = 12
-    eval_every: int = 4  # epochs between evaluations (the accuracy-against-epochs plot)
+    student_epochs: int = 24
+    eval_every: int = 6  # epochs between evaluations (the accuracy-against-epochs plot)
     convnet_teacher: str = (
         "embedding_size=24,hidden_sizes=[32,64,128],depths=[1,1,1],downsample_in_first_stage=false"
     )

@@ -173,3 +173,12 @@ def test_analyze_prints_a_table_and_draws_a_plot_without_a_teacher(table, tmp_pa
 def test_analyze_refuses_a_model_without_a_distillation_token(table, capsys):
     assert cli(["analyze", str(table / "seed0" / "light" / "none")]) == 2
     assert "no distillation token" in capsys.readouterr().err
+
+
+def test_analyze_names_a_missing_model_and_a_model_without_data(tmp_path, capsys):
+    assert cli(["analyze", str(tmp_path / "nope")]) == 2
+    assert "no such run or model folder" in capsys.readouterr().err
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "bare")  # no run record, so its data is unknown
+    assert cli(["analyze", str(tmp_path / "bare")]) == 2
+    assert "--dataset_name" in capsys.readouterr().err
