@@ -12,17 +12,14 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from processes import kill_when_stalled
 from safetensors.torch import load_file
 
 from training.commands.train import main
@@ -97,41 +94,18 @@ def file_hashes(folder: Path) -> dict[str, str]:
 def kill_run(output_dir: Path, where: str, kill_at: int) -> Path:
     """Start the run in a subprocess, SIGKILL it where it stalls (see KILLABLE_RUN), return its folder."""
     marker = output_dir.parent / f"{output_dir.name}.stalled"
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            KILLABLE_RUN,
-            str(marker),
-            where,
-            str(kill_at),
-            *RUN,
-            "--output_dir",
-            str(output_dir),
-        ],
-        cwd=ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # the data-loader workers die with it
-    )
-    try:
-        deadline = time.monotonic() + 240
-        while not marker.exists():
-            if process.poll() is not None:
-                pytest.fail(f"the run ended before it was killed:\n{process.stderr.read()[-4000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"the run did not stall at step {kill_at} ({where}) in time")
-            time.sleep(0.1)
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        process.stderr.close()
-    assert process.returncode == -signal.SIGKILL
+    command = [
+        sys.executable,
+        "-c",
+        KILLABLE_RUN,
+        str(marker),
+        where,
+        str(kill_at),
+        *RUN,
+        "--output_dir",
+        str(output_dir),
+    ]
+    kill_when_stalled(command, marker, f"the run (stall at step {kill_at}, {where})")
     return output_dir
 
 

@@ -10,12 +10,8 @@ batches of 16: 4 steps per epoch, so 6 steps cross an epoch boundary.
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import datasets
@@ -25,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from hub_server import DEFAULT_TOKEN
+from processes import kill_when_stalled
 from safetensors.torch import load_file, save_file
 from test_distributed import save_teacher
 from test_resume import logged_losses
@@ -305,29 +302,9 @@ def test_a_killed_cache_teacher_finishes_on_a_rerun_with_the_uninterrupted_conte
 ):
     cache_dir, marker = tmp_path / "cache", tmp_path / "stalled"
     argv = [*RUN, "--teacher", str(teacher), "--teacher_cache", str(cache_dir), *FULL]
-    process = subprocess.Popen(
-        [sys.executable, "-c", KILLABLE_CACHE, str(marker), "6", *argv],
-        cwd=ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # the data-loader workers die with it
+    kill_when_stalled(
+        [sys.executable, "-c", KILLABLE_CACHE, str(marker), "6", *argv], marker, "cache-teacher"
     )
-    try:
-        deadline = time.monotonic() + 240
-        while not marker.exists():
-            if process.poll() is not None:
-                pytest.fail(f"cache-teacher ended before it was killed:\n{process.stderr.read()[-4000:]}")
-            assert time.monotonic() < deadline, "cache-teacher did not stall in time"
-            time.sleep(0.1)
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        process.stderr.close()
 
     shards = sorted(path.relative_to(cache_dir) for path in cache_dir.glob(f"{DATA_DIR}/*/*/*.parquet"))
     assert len(shards) == 5  # 4 steps of epoch 0, 1 of epoch 1
