@@ -93,19 +93,26 @@ def benchmark_variant(
     repeats: int,
     calls_for_batch: Callable[[int], int],
     clock: Callable[[], float] = time.perf_counter,
+    extra_fns: Callable[[dict[str, torch.nn.Module]], dict[str, Callable]] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """One row per batch size: images/s of ours, transformers and timm with the same weights.
 
-    fp32 on CPU, bf16 elsewhere; the logits are checked to agree before anything is timed.
+    fp32 on CPU, bf16 elsewhere; the logits are checked to agree before anything is timed. `extra_fns(models)`
+    adds more implementations (e.g. ONNX Runtime sessions of ours) to the same interleaved timing; checking
+    them is the caller's job.
     """
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    fns = {name: forward_fn(name, model) for name, model in build_models(variant, device, dtype).items()}
+    models = build_models(variant, device, dtype)
+    fns = {name: forward_fn(name, model) for name, model in models.items()}
     with torch.inference_mode():
         check_same_logits(
             fns,
             torch.randn(2, 3, 224, 224, device=device, dtype=dtype),
             1e-4 if device.type == "cpu" else 0.1,
         )
+    if extra_fns is not None:
+        fns.update(extra_fns(models))
+    with torch.inference_mode():
         for batch in batch_sizes:
             pixels = torch.randn(batch, 3, 224, 224, device=device, dtype=dtype)
             rates = measure(fns, pixels, repeats, calls_for_batch(batch), device, clock)
