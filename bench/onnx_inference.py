@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -24,8 +23,6 @@ import onnxruntime
 import timm
 import torch
 import transformers
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from inference import CLOCKS, benchmark_variant
 
 from modeling_deit_distill import build_image_processor
