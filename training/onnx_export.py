@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ from transformers.image_processing_utils import BaseImageProcessor
 from modeling_deit_distill.onnx_classifier import INPUT_NAME, ONNX_FILE, create_session
 
 from .errors import UserError
-from .transforms import output_size
+from .transforms import ImageExamples, output_size
 
 INT8_FILE = "model_int8.onnx"
 REPORT_FILE = "onnx_export.json"
@@ -196,7 +198,8 @@ def quantize_int8(
     if mode not in INT8_MODES:
         raise UserError(f"int8 mode must be one of {', '.join(INT8_MODES)}, got {mode!r}.")
     if mode == "dynamic":
-        quantize_dynamic(str(onnx_path), str(output_path), weight_type=QuantType.QInt8)
+        with _quiet_root_logger():
+            quantize_dynamic(str(onnx_path), str(output_path), weight_type=QuantType.QInt8)
         return Path(output_path)
     if calibration is None:
         raise UserError("Static int8 quantization needs calibration images: export a run directory.")
@@ -209,33 +212,48 @@ def quantize_int8(
             batch = next(self.batches, None)
             return None if batch is None else {INPUT_NAME: batch}
 
-    quantize_static(
-        str(onnx_path),
-        str(output_path),
-        _Reader(calibration),
-        quant_format=QuantFormat.QDQ,
-        activation_type=QuantType.QUInt8,
-        weight_type=QuantType.QInt8,
-        per_channel=True,
-        # The matrix products hold nearly all the time; LayerNorm, Softmax and GELU stay fp32 for accuracy.
-        op_types_to_quantize=["MatMul", "Gemm", "Conv"],
-    )
+    with _quiet_root_logger():
+        quantize_static(
+            str(onnx_path),
+            str(output_path),
+            _Reader(calibration),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            # The matrix products hold nearly all the time; LayerNorm, Softmax and GELU stay fp32 for accuracy.
+            op_types_to_quantize=["MatMul", "Gemm", "Conv"],
+        )
     return Path(output_path)
+
+
+@contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    # The quantizer warns on the root logger to pre-process the model first; that measured under 4% faster
+    # (docs/benchmarks.md), so the warning is noise to `export`'s users.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
 
 
 @dataclass
 class RunSplits:
     """A run's evaluation split and a calibration sample of its training split, as model inputs."""
 
-    evaluation: torch.utils.data.Dataset
-    calibration: torch.utils.data.Dataset
+    evaluation: ImageExamples
+    calibration: ImageExamples
 
 
 def run_splits(
     run_dir: str | os.PathLike, image_processor: BaseImageProcessor, calibration_size: int
 ) -> RunSplits | None:
-    """The run's own evaluation split (as `eval RUN_DIR` sees it) and the first `calibration_size` images of
-    its training split, through the eval transform of the saved processor; `None` when `run_dir` is no run."""
+    """The run's own evaluation split (as `eval RUN_DIR` sees it) and `calibration_size` images drawn from its
+    training split by the run's seed, through the eval transform of the saved processor; `None` when `run_dir`
+    is no run."""
     from .run_record import RunRecord
     from .transforms import build_eval_transform, with_image_transform
 
@@ -245,16 +263,15 @@ def run_splits(
     dataset = record.data_arguments().load(seed=record.seed)
     transform = build_eval_transform(image_processor)
     train = dataset["train"]
-    calibration = train.select(range(min(calibration_size, len(train))))
+    # Shuffled first: an imagefolder's rows come sorted by class.
+    calibration = train.shuffle(seed=record.seed).select(range(min(calibration_size, len(train))))
     return RunSplits(
         evaluation=with_image_transform(dataset["validation"], transform),
         calibration=with_image_transform(calibration, transform),
     )
 
 
-def pixel_batches(
-    examples: torch.utils.data.Dataset, batch_size: int
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def pixel_batches(examples: ImageExamples, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """`(pixel_values, labels)` NumPy batches of a `with_image_transform` dataset, in order."""
     for start in range(0, len(examples), batch_size):
         rows = examples.__getitems__(list(range(start, min(start + batch_size, len(examples)))))
@@ -265,7 +282,7 @@ def pixel_batches(
 
 
 def compare_top1(
-    onnx_paths: dict[str, str | os.PathLike], examples: torch.utils.data.Dataset, batch_size: int = 64
+    onnx_paths: dict[str, str | os.PathLike], examples: ImageExamples, batch_size: int = 64
 ) -> dict[str, float]:
     """Top-1 (%) of each ONNX file on `examples`, and the share (%) of images where all predict the same class."""
     sessions = {name: create_session(path) for name, path in onnx_paths.items()}

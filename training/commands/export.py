@@ -71,13 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         splits = (
             run_splits(args.model, processor, args.calibration_samples) if os.path.isdir(args.model) else None
         )
-        calibration = pixel_batches(splits.calibration, args.batch_size) if splits else None
-        int8_path = quantize_int8(
-            output / "model.onnx",
-            output / INT8_FILE,
-            args.int8_mode,
-            calibration=(pixels for pixels, _ in calibration) if calibration else None,
+        calibration = (
+            (pixels for pixels, _ in pixel_batches(splits.calibration, args.batch_size)) if splits else None
         )
+        int8_path = quantize_int8(output / "model.onnx", output / INT8_FILE, args.int8_mode, calibration)
         sizes = {name: (output / name).stat().st_size / 2**20 for name in ("model.onnx", INT8_FILE)}
         report.int8 = {"mode": args.int8_mode, "file": INT8_FILE, "size_mib": sizes[INT8_FILE]}
         print(
