@@ -41,11 +41,23 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+from transformers import AutoImageProcessor  # noqa: E402
+
 from training.commands.analyze import AnalyzeArguments, run_analysis  # noqa: E402
 from training.commands.cache_teacher import run_cache_teacher  # noqa: E402
 from training.commands.train import parse_args, run_training  # noqa: E402
 from training.evaluation import metric_key  # noqa: E402
 from training.run_record import RunRecord  # noqa: E402
+from training.teacher import (  # noqa: E402
+    InputSpec,
+    TeacherInputAdapter,
+    load_teacher,
+    load_teacher_image_processor,
+    teacher_logits_from_output,
+)
+from training.transforms import build_train_transform, with_image_transform  # noqa: E402
 
 RECIPES = ROOT / "training" / "recipes"
 NOTES_MARKER = "<!-- notes -->"
@@ -249,6 +261,43 @@ def run_table(config: TableConfig, partial: Path | None = None, command: str = "
     return runs
 
 
+def teacher_view_accuracy(teacher_dir: Path, student_dir: Path, regime: str, seed: int) -> float:
+    """A teacher's top-1 on the held-out images seen through the students' training augmentation (no mixing):
+    how often its hard labels are right on views like the ones it labels during training."""
+    torch.manual_seed(seed)
+    processor = AutoImageProcessor.from_pretrained(student_dir)
+    record = RunRecord.read(student_dir)
+    examples = with_image_transform(
+        record.data_arguments().load(seed=seed)["validation"], build_train_transform(processor, regime)
+    )
+    teacher = load_teacher(str(teacher_dir))
+    adapter = TeacherInputAdapter(
+        InputSpec.from_image_processor(processor),
+        InputSpec.from_image_processor(load_teacher_image_processor(str(teacher_dir))),
+    )
+    correct = 0
+    with torch.no_grad():
+        for batch in DataLoader(examples, batch_size=250):
+            logits = teacher_logits_from_output(teacher(adapter(batch["pixel_values"])))
+            correct += int((logits.argmax(-1) == batch["labels"]).sum())
+    return correct / len(examples)
+
+
+def add_teacher_view_accuracy(runs: dict[str, Any]) -> None:
+    """Fill in `teacher_views` for every finished seed, regime and teacher (the runs must still be on disk)."""
+    config = runs["config"]
+    views = runs.setdefault("teacher_views", {})
+    for seed in config["seeds"]:
+        for regime in config["regimes"]:
+            for kind in ("convnet", "transformer"):
+                key = f"{kind}/{regime}/{seed}"
+                if key not in views:
+                    base = Path(config["output_dir"]) / f"seed{seed}"
+                    views[key] = teacher_view_accuracy(
+                        base / f"teacher_{kind}", base / regime / "hard_token", regime, seed
+                    )
+
+
 def _student_result(path: Path, student: Student, cpu: float) -> dict[str, Any]:
     final = json.loads((path / "eval_results.json").read_text())
     heads = ("cls", "dist", "avg") if student.token else ("avg",)
@@ -379,9 +428,18 @@ def render(runs: dict[str, Any], wall_s: float, command: str) -> str:
             cpu = statistics.mean(runs["students"][f"{regime}/{run}/{s}"]["cpu_s"] for s in seeds) / 60
             paper = PAPER.get(run if run != "hard_token" else f"{run}:{head}", "-")
             lines.append(f"| {label} | {_fmt(row_values(runs, regime, run, head))} | {paper} | {cpu:.2f} |")
+        views = {
+            kind: _fmt(
+                [runs.get("teacher_views", {}).get(f"{kind}/{regime}/{s}", float("nan")) for s in seeds]
+            )
+            for kind in ("convnet", "transformer")
+        }
         lines += [
             "",
-            f"Convnet teacher {teachers['convnet']}, transformer teacher {teachers['transformer']}."
+            f"Convnet teacher {teachers['convnet']}, transformer teacher {teachers['transformer']} on the test "
+            f"images; on the same images seen through this regime's training augmentation (no Mixup/CutMix), "
+            f"the labels a teacher hands out during training: convnet {views['convnet']}, transformer "
+            f"{views['transformer']}."
             + (
                 f" The convnet teacher's cache cost {cache_cpu:.2f} CPU min per seed (shared by its four students, "
                 "which ran no teacher forward)."
@@ -485,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     config = TableConfig(**QUICK) if args.quick else TableConfig()
     if args.render:
         runs = json.loads(Path(args.render).read_text())
+        add_teacher_view_accuracy(runs)
         write_document(runs, runs["wall_s"], runs["command"], Path(args.results or "docs/RESULTS.md"))
         return 0
     overrides = {
@@ -497,6 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python bench/paper_table.py", *(argv if argv is not None else sys.argv[1:])])
     partial = Path(config.output_dir) / "paper_table.json"
     runs = run_table(config, partial, command)
+    add_teacher_view_accuracy(runs)
     write_document(runs, runs["wall_s"], command, Path(config.results))
     print(f"wrote {config.results} in {runs['wall_s'] / 60:.1f} min")
     return 0
