@@ -283,19 +283,29 @@ def teacher_view_accuracy(teacher_dir: Path, student_dir: Path, regime: str, see
     return correct / len(examples)
 
 
-def add_teacher_view_accuracy(runs: dict[str, Any]) -> None:
-    """Fill in `teacher_views` for every finished seed, regime and teacher (the runs must still be on disk)."""
+def add_diagnostics(runs: dict[str, Any]) -> None:
+    """Fill in, for every finished seed and regime (the runs must still be on disk), each teacher's top-1 on the
+    students' augmented views (`teacher_views`) and how often the token students' DIST head agrees with their
+    own teacher on the test images (`teacher_agreement`)."""
     config = runs["config"]
     views = runs.setdefault("teacher_views", {})
+    agreement = runs.setdefault("teacher_agreement", {})
     for seed in config["seeds"]:
+        base = Path(config["output_dir"]) / f"seed{seed}"
         for regime in config["regimes"]:
-            for kind in ("convnet", "transformer"):
+            for kind, student in (("convnet", "hard_token"), ("transformer", "hard_token_vit")):
                 key = f"{kind}/{regime}/{seed}"
                 if key not in views:
-                    base = Path(config["output_dir"]) / f"seed{seed}"
                     views[key] = teacher_view_accuracy(
                         base / f"teacher_{kind}", base / regime / "hard_token", regime, seed
                     )
+                if key not in agreement:
+                    path = base / regime / student
+                    record = RunRecord.read(path)
+                    analysis = run_analysis(
+                        str(path), record.data_arguments(), AnalyzeArguments(), record.seed
+                    )
+                    agreement[key] = analysis["teacher_agreement"]["dist"]
 
 
 def _student_result(path: Path, student: Student, cpu: float) -> dict[str, Any]:
@@ -434,12 +444,20 @@ def render(runs: dict[str, Any], wall_s: float, command: str) -> str:
             )
             for kind in ("convnet", "transformer")
         }
+        agreements = {
+            kind: _fmt(
+                [runs.get("teacher_agreement", {}).get(f"{kind}/{regime}/{s}", float("nan")) for s in seeds]
+            )
+            for kind in ("convnet", "transformer")
+        }
         lines += [
             "",
             f"Convnet teacher {teachers['convnet']}, transformer teacher {teachers['transformer']} on the test "
             f"images; on the same images seen through this regime's training augmentation (no Mixup/CutMix), "
             f"the labels a teacher hands out during training: convnet {views['convnet']}, transformer "
-            f"{views['transformer']}."
+            f"{views['transformer']}. The DIST head of the hard-distilled token student agrees with its own "
+            f"teacher on the test images: convnet-taught {agreements['convnet']}, transformer-taught "
+            f"{agreements['transformer']}."
             + (
                 f" The convnet teacher's cache cost {cache_cpu:.2f} CPU min per seed (shared by its four students, "
                 "which ran no teacher forward)."
@@ -543,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     config = TableConfig(**QUICK) if args.quick else TableConfig()
     if args.render:
         runs = json.loads(Path(args.render).read_text())
-        add_teacher_view_accuracy(runs)
+        add_diagnostics(runs)
         write_document(runs, runs["wall_s"], runs["command"], Path(args.results or "docs/RESULTS.md"))
         return 0
     overrides = {
@@ -556,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["python bench/paper_table.py", *(argv if argv is not None else sys.argv[1:])])
     partial = Path(config.output_dir) / "paper_table.json"
     runs = run_table(config, partial, command)
-    add_teacher_view_accuracy(runs)
+    add_diagnostics(runs)
     write_document(runs, runs["wall_s"], command, Path(config.results))
     print(f"wrote {config.results} in {runs['wall_s'] / 60:.1f} min")
     return 0

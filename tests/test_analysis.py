@@ -132,7 +132,11 @@ def test_paper_table_quick_writes_every_row_with_a_plot_and_the_per_seed_numbers
     assert set(runs["students"]["light/hard_token/0"]) >= {"cls", "dist", "avg", "curve", "cls_dist_cosine"}
     assert "dist" not in runs["students"]["light/hard_plain/0"]  # a plain ViT has one head
     assert runs["caches"]["light/0"]["cpu_s"] > 0  # the convnet teacher was cached, then replayed
-    assert set(runs["teacher_views"]) == {"convnet/light/0", "transformer/light/0"}
+    assert (
+        set(runs["teacher_views"])
+        == set(runs["teacher_agreement"])
+        == {"convnet/light/0", "transformer/light/0"}
+    )
 
 
 def test_analyze_a_run_uses_its_own_split_and_teacher_and_prints_json(table):
