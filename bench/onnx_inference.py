@@ -7,7 +7,8 @@ logits; ours is then exported with `training.onnx_export.export_onnx` (which che
 quantized to int8 both ways (`dynamic`; `static`, calibrated here on random inputs, since only the speed is
 measured: accuracy is `deit-distill export --quantize int8` on a trained run), and the ONNX Runtime sessions
 join the PyTorch models in the same interleaved repeats. With `--threads 1` ONNX Runtime runs on the calling
-thread, so `--clock cpu` times it as it times PyTorch.
+thread, so `--clock cpu` times it as it times PyTorch. With more threads its workers do not spin between calls,
+so that they leave the cores to the PyTorch call that follows.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def onnx_fns(folder: Path, threads: int) -> Callable[[dict[str, torch.nn.Module]
                 folder / "model.onnx", folder / "static.onnx", "static", calibration
             ),
         }
-        sessions = {name: create_session(path, threads) for name, path in files.items()}
+        sessions = {name: create_session(path, threads, spin=False) for name, path in files.items()}
         return {
             name: (lambda s: lambda pixels: s.run(None, {INPUT_NAME: pixels.numpy()})[0])(session)
             for name, session in sessions.items()

@@ -28,8 +28,12 @@ INPUT_NAME = "pixel_values"
 ImageInput = str | Image.Image
 
 
-def create_session(path: str | os.PathLike, threads: int | None = None) -> Any:
-    """An ONNX Runtime CPU session for `path`; `threads` intra-op threads (ONNX Runtime's choice when None)."""
+def create_session(path: str | os.PathLike, threads: int | None = None, spin: bool = True) -> Any:
+    """An ONNX Runtime CPU session for `path`; `threads` intra-op threads (ONNX Runtime's choice when None).
+
+    `spin=False` stops the worker threads from busy-waiting after each call, which otherwise takes the cores
+    from other thread pools of the process (PyTorch's, in an interleaved benchmark).
+    """
     try:
         import onnxruntime
     except ImportError as error:
@@ -40,6 +44,8 @@ def create_session(path: str | os.PathLike, threads: int | None = None) -> Any:
     if threads is not None:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if not spin:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -182,6 +182,9 @@ def test_bad_inputs_give_one_clear_line(exported, tmp_path, monkeypatch, capsys)
     assert "no such run or model folder" in one_error_line(capsys)
     assert cli(["predict", str(tmp_path), "--onnx", "x.png"]) == 2
     assert "has no model.onnx" in one_error_line(capsys)
+    static = ["--quantize", "int8", "--int8_mode", "static"]
+    assert cli(["export", str(exported), "--output", str(tmp_path / "out"), *static]) == 2
+    assert "is not a training run" in one_error_line(capsys)
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if the extra were not installed
     assert cli(["export", str(exported), "--output", str(tmp_path / "out")]) == 2

@@ -37,7 +37,7 @@ REPORT_FILE = "onnx_export.json"
 INSTALL_HINT = "pip install 'deit-distill[onnx]'"
 HEAD_OUTPUTS = ("cls_logits", "distillation_logits")
 # fp32 ONNX Runtime against PyTorch: |onnx - torch| <= TOLERANCE * (1 + |torch|), elementwise. Kernels differ in
-# summation order only, which moves DeiT-S logits by about 1e-6; a wrong graph moves them by far more.
+# summation order only, which moved DeiT-Ti logits by under 1e-6 here; a wrong graph moves them by far more.
 TOLERANCE = 1e-4
 VERIFY_BATCH_SIZES = (1, 3)
 INT8_MODES = ("dynamic", "static")
@@ -54,7 +54,7 @@ def require_onnx(modules: Sequence[str] = ("onnx", "onnxscript", "onnxruntime"))
             importlib.import_module(module)
         except ImportError as error:
             raise UserError(
-                f"ONNX export needs the `onnx` extra ({module} is not installed): {INSTALL_HINT}."
+                f"ONNX export and inference need the `onnx` extra ({module} is not installed): {INSTALL_HINT}."
             ) from error
 
 

@@ -17,6 +17,7 @@ from training.errors import MissingPathError, UserError
 from training.onnx_export import (
     INT8_FILE,
     INT8_MODES,
+    ONNX_FILE,
     REPORT_FILE,
     TOLERANCE,
     compare_top1,
@@ -26,6 +27,7 @@ from training.onnx_export import (
     require_onnx,
     run_splits,
 )
+from training.run_record import RunRecord
 
 from .flags import add_flag
 
@@ -55,6 +57,11 @@ def main(argv: list[str] | None = None) -> int:
         raise MissingPathError(f"export: {args.model}: no such run or model folder.")
     if args.batch_size < 1 or args.calibration_samples < 1:
         raise UserError("--batch_size and --calibration_samples must be >= 1.")
+    if args.quantize and args.int8_mode == "static" and not RunRecord.exists(args.model):
+        raise UserError(
+            f"--int8_mode static calibrates on the run's training images, and {args.model} is not a training run "
+            "(no run record); use --int8_mode dynamic."
+        )
     require_onnx()
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
@@ -64,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     report = export_onnx(model, processor, output, heads=args.heads, source=args.model)
     differences = ", ".join(f"batch {batch}: {value:.1e}" for batch, value in report.max_difference.items())
     print(
-        f"wrote {output / 'model.onnx'}: outputs {', '.join(report.outputs)}; max |onnx - torch| {differences} "
+        f"wrote {output / ONNX_FILE}: outputs {', '.join(report.outputs)}; max |onnx - torch| {differences} "
         f"(tolerance {TOLERANCE:g} x (1 + |logit|))"
     )
     if args.quantize:
@@ -74,17 +81,17 @@ def main(argv: list[str] | None = None) -> int:
         calibration = (
             (pixels for pixels, _ in pixel_batches(splits.calibration, args.batch_size)) if splits else None
         )
-        int8_path = quantize_int8(output / "model.onnx", output / INT8_FILE, args.int8_mode, calibration)
-        sizes = {name: (output / name).stat().st_size / 2**20 for name in ("model.onnx", INT8_FILE)}
+        int8_path = quantize_int8(output / ONNX_FILE, output / INT8_FILE, args.int8_mode, calibration)
+        sizes = {name: (output / name).stat().st_size / 2**20 for name in (ONNX_FILE, INT8_FILE)}
         report.int8 = {"mode": args.int8_mode, "file": INT8_FILE, "size_mib": sizes[INT8_FILE]}
         print(
-            f"wrote {int8_path}: {args.int8_mode} int8, {sizes[INT8_FILE]:.1f} MiB (fp32 {sizes['model.onnx']:.1f} MiB)"
+            f"wrote {int8_path}: {args.int8_mode} int8, {sizes[INT8_FILE]:.1f} MiB (fp32 {sizes[ONNX_FILE]:.1f} MiB)"
         )
         if splits is None:
             print("no run record, so no evaluation split: int8 accuracy not measured")
         else:
             accuracy = compare_top1(
-                {"fp32": output / "model.onnx", "int8": int8_path}, splits.evaluation, args.batch_size
+                {"fp32": output / ONNX_FILE, "int8": int8_path}, splits.evaluation, args.batch_size
             )
             report.int8.update(accuracy)
             print(
