@@ -155,9 +155,9 @@ def test_the_console_script_prints_one_line_and_debug_shows_the_traceback(tmp_pa
 
 def test_eval_and_predict_name_a_missing_model(tmp_path, capsys):
     assert cli(["eval", str(tmp_path / "run")]) == 2
-    assert "no such run or model folder" in error_line(capsys)
+    assert "no such run, model folder or file" in error_line(capsys)
     assert cli(["predict", str(tmp_path / "run"), "x.png"]) == 2
-    assert "no such model folder" in error_line(capsys)
+    assert "predict: " in (line := error_line(capsys)) and "no such run, model folder or file" in line
 
 
 @pytest.mark.parametrize(

@@ -179,7 +179,7 @@ def one_error_line(capsys) -> str:
 
 def test_bad_inputs_give_one_clear_line(exported, tmp_path, monkeypatch, capsys):
     assert cli(["export", str(tmp_path / "missing"), "--output", str(tmp_path / "out")]) == 2
-    assert "no such run or model folder" in one_error_line(capsys)
+    assert "no such run, model folder or file" in one_error_line(capsys)
     assert cli(["predict", str(tmp_path), "--onnx", "x.png"]) == 2
     assert "has no model.onnx" in one_error_line(capsys)
     static = ["--quantize", "int8", "--int8_mode", "static"]

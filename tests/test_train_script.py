@@ -236,6 +236,7 @@ def test_distillation_run_records_its_settings(runs):
     assert info["distillation"]["teacher"] == str(runs.teacher)
     assert info["data"]["num_train_examples"] == NUM_TRAIN
     assert info["data"]["num_eval_examples"] == NUM_EVAL
+    assert info["data"]["eval_split_used"] == "test"  # Fashion-MNIST's own test split
     training = info["training"]
     assert (training["world_size"], training["gradient_accumulation_steps"]) == (1, 2)
     assert training["global_batch_size"] == 32

@@ -109,6 +109,14 @@ def _is_hub_id(source: str) -> bool:
     return not os.path.exists(source) and source.count("/") == 1 and not source.startswith((".", "/", "~"))
 
 
+def check_model_source(source: str, what: str) -> None:
+    """Fail early, naming `what` (a flag or command), when `source` is neither an existing path nor a Hub id."""
+    if not os.path.exists(source) and not _is_hub_id(source):
+        raise MissingPathError(
+            f"{what}: {source}: no such run, model folder or file (and not a Hub id owner/name)."
+        )
+
+
 def _raw_config(source: str) -> dict[str, Any]:
     """`config.json` of a folder or Hub repo as a dict (timm's configs are not transformers configs)."""
     if os.path.isdir(source):

@@ -79,6 +79,10 @@ def load_image_dataset(
         eval_fraction: Share of the training split held out when the source has no evaluation split.
         seed: Seed of the held-out split and of the subsets.
         cache_dir: Cache directory for `datasets` (and for the converted Fashion-MNIST).
+
+    Returns:
+        The splits; its `eval_split_used` attribute names the source of "validation" (e.g. "test", or
+        "train (held out 10%)").
     """
     if source == FASHION_MNIST:
         raw = _load_fashion_mnist(FASHION_MNIST_DIR, cache_dir)
@@ -117,7 +121,10 @@ def load_image_dataset(
 
     splits["train"] = _subset(splits["train"], train_subset, seed)
     splits["validation"] = _subset(splits["validation"], eval_subset, seed)
-    return datasets.DatasetDict(splits)
+    result = datasets.DatasetDict(splits)
+    # Where "validation" came from, for the run record and the card (the split objects do not keep it).
+    result.eval_split_used = eval_split or f"{train_split} (held out {eval_fraction:.0%})"
+    return result
 
 
 def decode_image(value: Any, index: int | None = None) -> Image.Image:

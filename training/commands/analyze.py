@@ -11,7 +11,6 @@ and a plot (`--plot PATH`, by default `analysis.png` in a run directory, or next
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -28,8 +27,9 @@ from transformers import (
 
 from training.analysis import analyze_model, format_analysis, plot_analysis
 from training.arguments import DataArguments, check_data_arguments
+from training.checkpoints import check_model_source
 from training.collator import DistillationCollator
-from training.errors import MissingPathError, UserError
+from training.errors import UserError
 from training.run_record import RunRecord
 from training.trainer import DistillationTrainer
 from training.transforms import build_eval_transform, with_image_transform
@@ -116,8 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         raise UserError(f"analyze needs a model or run directory first: {USAGE}")
     model, rest = argv[0], argv[1:]
-    if not os.path.exists(model) and (model.startswith((".", "/")) or model.count("/") != 1):
-        raise MissingPathError(f"analyze: {model}: no such run or model folder.")
+    check_model_source(model, "analyze")
     data_args, analyze_args = parser.parse_args_into_dataclasses(args=rest, look_for_args_file=False)
     if analyze_args.batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {analyze_args.batch_size}.")

@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from training.arguments import DataArguments, check_data_arguments, dataclass_from_dict
+from training.checkpoints import check_model_source
 from training.collator import DistillationCollator
 from training.errors import MissingPathError, UserError
 from training.losses import DistillationLoss
@@ -150,8 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         raise UserError(f"eval needs a model or run directory first: {USAGE}")
     model, rest = argv[0], argv[1:]
-    if not os.path.exists(model) and (model.startswith((".", "/")) or model.count("/") != 1):
-        raise MissingPathError(f"eval: {model}: no such run or model folder.")
+    check_model_source(model, "eval")
     data_args, eval_args = HfArgumentParser((DataArguments, EvalArguments)).parse_args_into_dataclasses(
         args=rest, look_for_args_file=False
     )

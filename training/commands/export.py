@@ -13,7 +13,8 @@ import argparse
 import os
 from pathlib import Path
 
-from training.errors import MissingPathError, UserError
+from training.checkpoints import check_model_source
+from training.errors import UserError
 from training.onnx_export import (
     INT8_FILE,
     INT8_MODES,
@@ -53,8 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if not os.path.exists(args.model) and (args.model.startswith((".", "/")) or args.model.count("/") != 1):
-        raise MissingPathError(f"export: {args.model}: no such run or model folder.")
+    check_model_source(args.model, "export")
     if args.batch_size < 1 or args.calibration_samples < 1:
         raise UserError("--batch_size and --calibration_samples must be >= 1.")
     if args.quantize and args.int8_mode == "static" and not RunRecord.exists(args.model):

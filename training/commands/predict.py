@@ -18,6 +18,7 @@ from typing import Any
 from PIL import Image
 
 from modeling_deit_distill import DeiTDistillImageClassificationPipeline
+from training.checkpoints import check_model_source
 from training.errors import MissingPathError, UserError
 
 from .flags import add_flag
@@ -55,8 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.top_k < 1:
         raise UserError(f"--top_k must be >= 1, got {args.top_k}.")
-    if not os.path.exists(args.model) and (args.model.startswith((".", "/")) or args.model.count("/") != 1):
-        raise MissingPathError(f"predict: {args.model}: no such model folder.")
+    check_model_source(args.model, "predict")
     if args.onnx:
         classifier, config = _onnx_classifier(args.model, args.onnx_file)
     else:

@@ -306,16 +306,12 @@ def make_run_record(
         "started_from": start.source if start else None,
         "start_format": start.kind if start else "scratch",
     }
-    eval_split = data_args.eval_split or str(dataset["validation"].split)
-    held_out = data_args.eval_split is None and eval_split == data_args.train_split
     return RunRecord(
         model=model_section,
         data={
             **vars(data_args),
             "seed": args.seed,
-            "eval_split_used": f"{eval_split} (held out {data_args.eval_fraction:.0%})"
-            if held_out
-            else eval_split,
+            "eval_split_used": getattr(dataset, "eval_split_used", data_args.eval_split),
             "num_train_examples": len(dataset["train"]),
             "num_eval_examples": len(dataset["validation"]),
             **vars(augmentation_args),
