@@ -409,7 +409,7 @@ def render(runs: dict[str, Any], wall_s: float, command: str) -> str:
         "(mean ± standard deviation over seeds, %). A seed changes the subset, the initialisation and the augmentation "
         "draws; within a seed and regime every student draws exactly the same augmented views.",
         "",
-        f"- Student: DeiT from scratch, `{config['student']}`, {config['student_epochs']} epochs, batch 128, "
+        f"- Student: DeiT from scratch, `{config['student']}`, {config['student_epochs']} epochs, batch {_batch_size(TableConfig(extra=config['extra']))}, "
         "AdamW lr 2e-3, cosine, label smoothing 0.1, Mixup/CutMix (the recipe `fashion_mnist_cpu.json`).",
         f"- Convnet teacher (ResNet, `{config['convnet_teacher']}`, {config['convnet_teacher_epochs']} epochs): "
         f"**{teachers['convnet']}**; transformer teacher (plain ViT, `{config['transformer_teacher']}`, "

@@ -182,7 +182,7 @@ def test_analyze_refuses_a_model_without_a_distillation_token(table, capsys):
 
 def test_analyze_names_a_missing_model_and_a_model_without_data(tmp_path, capsys):
     assert cli(["analyze", str(tmp_path / "nope")]) == 2
-    assert "no such run or model folder" in capsys.readouterr().err
+    assert "no such run, model folder or file" in capsys.readouterr().err
     model = tiny_model()
     model.save_pretrained(tmp_path / "bare")  # no run record, so its data is unknown
     assert cli(["analyze", str(tmp_path / "bare")]) == 2
