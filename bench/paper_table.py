@@ -1,6 +1,6 @@
 """The paper's distillation table at CPU scale, on the embedded Fashion-MNIST: one command regenerates docs/RESULTS.md.
 
-    OMP_NUM_THREADS=1 python bench/paper_table.py            # the default budget (see TableConfig), ~40 min
+    OMP_NUM_THREADS=1 python bench/paper_table.py            # the default budget (see TableConfig): 45 min measured
     python bench/paper_table.py --quick --output_dir /tmp/t  # seconds: tiny models, one seed (the test)
 
 For every seed, two teachers are trained once on the student's images, a convnet (a transformers ResNet) and a
