@@ -10,6 +10,8 @@ batches of 16: 4 steps per epoch, so 6 steps cross an epoch boundary.
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -23,7 +25,7 @@ import torch
 from hub_server import DEFAULT_TOKEN
 from processes import kill_when_stalled
 from safetensors.torch import load_file, save_file
-from test_distributed import save_teacher
+from test_distributed import free_port, save_teacher
 from test_resume import logged_losses
 from torch.utils.data import DataLoader
 
@@ -369,3 +371,39 @@ def test_push_cache_uploads_a_dataset_repo_that_trains_like_the_local_cache(full
     assert sum(name.endswith(".parquet") for name in result["files"]) == 8
     assert "teacher-cache" in result["tags"]
     torch.testing.assert_close(torch.tensor(result["logits"]), local.teacher_logits(torch.tensor(keys)))
+
+
+@pytest.mark.slow
+def test_two_processes_under_accelerate_write_their_own_shards_with_the_one_process_contents(
+    teacher, tmp_path
+):
+    # 2 processes x 8 per device and 1 process x 16: the same global batches, so the same views and outputs.
+    run = [*RUN, "--dataloader_num_workers", "0", "--teacher", str(teacher), *FULL]
+    two, one = tmp_path / "two", tmp_path / "one"
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--config_file", str(ROOT / "training" / "accelerate_configs" / "cpu_ddp.yaml"),
+        "--main_process_port", str(free_port()),
+        "-m", "training.commands.cache_teacher",
+        *run, "--per_device_train_batch_size", "8", "--teacher_cache", str(two), "--output_dir", str(tmp_path / "o2"),
+    ]  # fmt: skip
+    done = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    cache_teacher([*run, "--teacher_cache", str(one), "--output_dir", str(tmp_path / "o1")])
+
+    assert {path.parent.name for path in two.glob(f"{DATA_DIR}/*/*/*.parquet")} == {
+        "process-00000-of-00002",
+        "process-00001-of-00002",
+    }
+    assert read_metadata(two)["complete"]
+    assert cache_contents(two).equals(cache_contents(one))
+    # The cache of two processes trains a one-process run.
+    train([*run, "--teacher_cache", str(two), "--output_dir", str(tmp_path / "run")])
+    assert len(logged_losses(tmp_path / "run")) == MAX_STEPS
