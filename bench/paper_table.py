@@ -15,6 +15,12 @@ trains:
     soft_token   CLS + DIST tokens, soft distillation                      soft vs hard with the token
     hard_token_vit  as hard_token, with the transformer teacher            convnet vs transformer teacher
 
+`--part unlabeled` measures what DeiT's data efficiency can do beyond the paper (see `UnlabeledConfig`): a
+teacher trained on a few labelled images labels many unlabelled ones (`--unlabeled_dataset`), and a student
+trained on both is compared with the same student on the labelled images alone and with its teacher. Each seed
+is saved on its own (`unlabeled/seed<N>.json` under the output folder), so seeds can run in parallel processes;
+the document gathers every seed found there. `--part all` runs both parts.
+
 The convnet teacher's outputs come from a teacher cache (`cache-teacher`, once per seed and regime) that every
 convnet-distilled student of that seed and regime replays; all students of a seed and regime draw exactly the
 same augmented views. The transformer teacher teaches one run per seed and regime, where a cache would cost
@@ -337,6 +343,177 @@ def _progress(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+@dataclass
+class UnlabeledConfig:
+    """A few labelled images and many unlabelled ones: Fashion-MNIST's training split, `labelled` of its images
+    (a stratified subset fixed by the seed) with labels and all the others without. The teacher is the demo's
+    convnet recipe trained on the labelled images alone. The students (the table's student size, the `light`
+    augmentation with Mixup/CutMix, hard distillation with the DIST token) all train for the same number of
+    optimizer steps: `unlabeled_epochs` passes over labelled + unlabelled images."""
+
+    seeds: tuple[int, ...] = (0, 1, 2)
+    labelled: int = 2000
+    unlabeled: int | None = None  # None: every other training image (58,000 for 2,000 labelled)
+    eval_samples: int = 2000
+    student: str = TableConfig.student
+    regime: str = "light"
+    unlabeled_epochs: int = 3
+    short_epochs: int = 24  # the table's budget, for the labelled images alone
+    teacher_epochs: int = 40  # the demo teacher's recipe
+    output_dir: str = "runs/paper_table"
+    extra: list[str] = field(default_factory=lambda: ["--per_device_train_batch_size", "64"])
+
+
+QUICK_UNLABELED = dict(
+    seeds=(0,),
+    labelled=40,
+    unlabeled=40,
+    eval_samples=40,
+    student=QUICK["student"],
+    unlabeled_epochs=1,
+    short_epochs=1,
+    teacher_epochs=1,
+    extra=QUICK["extra"],
+)
+# (key, description, distilled, with the unlabelled images, budget): budget "short" is `short_epochs` on the
+# labelled images, "equal" the unlabelled run's number of steps.
+UNLABELED_RUNS = (
+    ("labelled_short", "2,000 labelled, no teacher, the table's budget", False, False, "short"),
+    ("labelled", "2,000 labelled, no teacher", False, False, "equal"),
+    ("labelled_distilled", "2,000 labelled, hard distillation", True, False, "equal"),
+    ("unlabeled_distilled", "2,000 labelled + 58,000 unlabelled, hard distillation", True, True, "equal"),
+)
+
+
+def unlabeled_steps(config: UnlabeledConfig, num_unlabeled: int) -> int:
+    batch = _batch_size(TableConfig(extra=config.extra))
+    return config.unlabeled_epochs * -(-(config.labelled + num_unlabeled) // batch)
+
+
+def run_unlabeled_seed(config: UnlabeledConfig, seed: int) -> dict[str, Any]:
+    """Train the teacher and the four students of one seed; return their results."""
+    out = Path(config.output_dir) / "unlabeled" / f"seed{seed}"
+    data = [
+        "--max_train_samples", str(config.labelled),
+        "--max_eval_samples", str(config.eval_samples),
+        "--seed", str(seed),
+        "--overwrite_output_dir", "true",
+        "--disable_tqdm", "true",
+        "--logging_steps", "1000",
+        *config.extra,
+    ]  # fmt: skip
+    teacher = out / "teacher"
+    teacher_argv = [str(RECIPES / "fashion_mnist_teacher_cpu.json"), *data]
+    teacher_argv += ["--num_train_epochs", str(config.teacher_epochs), "--output_dir", str(teacher)]
+    cpu = timed(run_training, teacher_argv)
+    top1 = json.loads((teacher / "eval_results.json").read_text())["eval_avg_top1"]
+    result: dict[str, Any] = {"teacher": {"top1": top1, "cpu_s": cpu}, "students": {}}
+    _progress(f"unlabelled, seed {seed}: teacher {100 * top1:.1f}% in {cpu:.0f} CPU s")
+    unlabeled_flags = ["--unlabeled_dataset", "fashion_mnist"]
+    if config.unlabeled is not None:
+        unlabeled_flags += ["--max_unlabeled_samples", str(config.unlabeled)]
+    steps = None
+    for key, _, distilled, with_unlabeled, budget in sorted(UNLABELED_RUNS, key=lambda run: not run[3]):
+        path = out / key
+        argv = [
+            str(RECIPES / "fashion_mnist_cpu.json"), *data,
+            "--config_overrides", config.student,
+            "--augmentation", config.regime,
+            "--distillation_type", "hard" if distilled else "none",
+            "--output_dir", str(path),
+        ]  # fmt: skip
+        argv += ["--teacher", str(teacher)] if distilled else []
+        argv += unlabeled_flags if with_unlabeled else []
+        if budget == "short":
+            argv += ["--num_train_epochs", str(config.short_epochs)]
+        else:
+            argv += ["--num_train_epochs", str(config.unlabeled_epochs) if with_unlabeled else "1"]
+            argv += [] if with_unlabeled else ["--max_steps", str(steps)]
+        cpu = timed(run_training, argv)
+        final = json.loads((path / "eval_results.json").read_text())
+        record = RunRecord.read(path)
+        if with_unlabeled:
+            steps = record.training["steps"]  # the others train for as many steps
+        run = {
+            "cpu_s": cpu,
+            "steps": record.training["steps"],
+            "num_unlabeled": record.data["num_unlabeled_examples"],
+            **{head: final[metric_key(head, 1, "eval_")] for head in ("cls", "dist", "avg")},
+        }
+        if distilled:
+            analysis = run_analysis(str(path), record.data_arguments(), AnalyzeArguments(), record.seed)
+            run["teacher_agreement"] = analysis["teacher_agreement"]["avg"]
+        result["students"][key] = run
+        _progress(f"unlabelled, seed {seed}, {key}: {_summary(run)}, {run['steps']} steps")
+    return result
+
+
+def run_unlabeled(config: UnlabeledConfig) -> None:
+    """Run every seed of `config`, each saved to `unlabeled/seed<N>.json` as soon as it is done."""
+    folder = Path(config.output_dir) / "unlabeled"
+    for seed in config.seeds:
+        started = time.time()
+        result = run_unlabeled_seed(config, seed)
+        result.update(config=asdict(config), seed=seed, wall_s=time.time() - started)
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"seed{seed}.json").write_text(json.dumps(result, indent=1))
+
+
+def gather_unlabeled(output_dir: Path) -> dict[str, Any] | None:
+    """Every finished seed's results of the unlabelled part, by seed."""
+    files = sorted((output_dir / "unlabeled").glob("seed*.json"))
+    seeds = [json.loads(path.read_text()) for path in files]
+    return {"seeds": sorted(seeds, key=lambda result: result["seed"])} if seeds else None
+
+
+def render_unlabeled(unlabeled: dict[str, Any]) -> list[str]:
+    seeds = unlabeled["seeds"]
+    config = seeds[0]["config"]
+    teacher = [result["teacher"]["top1"] for result in seeds]
+    num_unlabeled = seeds[0]["students"]["unlabeled_distilled"]["num_unlabeled"]
+    lines = [
+        "## Beyond the paper: unlabelled images",
+        "",
+        f"Fashion-MNIST's training split: {config['labelled']:,} images with labels (a stratified subset fixed by "
+        f"the seed), the other {num_unlabeled:,} without (`--unlabeled_dataset fashion_mnist`: the training "
+        "data's own rows outside `--max_train_samples`); they contribute only the distillation term. Top-1 on "
+        f"{config['eval_samples']:,} held-out test images, seeds {', '.join(str(r['seed']) for r in seeds)}. "
+        f"Teacher: the demo's convnet recipe on the labelled images alone, {config['teacher_epochs']} epochs. "
+        f"Students: `{config['student']}`, augmentation `{config['regime']}` with Mixup/CutMix; the last three "
+        f"train for the same number of optimizer steps ({seeds[0]['students']['unlabeled_distilled']['steps']:,}, "
+        f"{config['unlabeled_epochs']} epochs over labelled + unlabelled images).",
+        "",
+        "| run | top-1 (averaged heads) | DIST head | agreement with the teacher | CPU min |",
+        "|---|---|---|---|---|",
+        f"| teacher (convnet, labelled images only) | {_fmt(teacher)} | - | - | "
+        f"{statistics.mean(r['teacher']['cpu_s'] for r in seeds) / 60:.2f} |",
+    ]
+    for key, description, distilled, _, _ in UNLABELED_RUNS:
+        runs = [result["students"][key] for result in seeds]
+        steps = runs[0]["steps"]
+        label = description.replace("2,000", f"{config['labelled']:,}").replace(
+            "58,000", f"{num_unlabeled:,}"
+        )
+        agreement = _fmt([r["teacher_agreement"] for r in runs]) if distilled else "-"
+        lines.append(
+            f"| {label} ({steps:,} steps) | {_fmt([r['avg'] for r in runs])} | {_fmt([r['dist'] for r in runs])} "
+            f"| {agreement} | {statistics.mean(r['cpu_s'] for r in runs) / 60:.2f} |"
+        )
+    best = [result["students"]["unlabeled_distilled"]["avg"] for result in seeds]
+    lines += [
+        "",
+        "| comparison | here |",
+        "|---|---|",
+        f"| the student with unlabelled images beats its teacher | {verdict(best, teacher)} |",
+        "| ... beats the same student distilled on the labelled images alone, same steps | "
+        f"{verdict(best, [r['students']['labelled_distilled']['avg'] for r in seeds])} |",
+        "| ... beats the student without a teacher, same steps | "
+        f"{verdict(best, [r['students']['labelled']['avg'] for r in seeds])} |",
+        "",
+    ]
+    return lines
+
+
 # ---------------------------------------------------------------------------------------------- the document
 
 
@@ -526,19 +703,37 @@ def plot(runs: dict[str, Any], path: Path) -> None:
     plt.close(figure)
 
 
-def write_document(runs: dict[str, Any], wall_s: float, command: str, results: Path) -> None:
+def write_document(
+    runs: dict[str, Any], wall_s: float, command: str, results: Path, unlabeled: dict[str, Any] | None = None
+) -> None:
+    """Write the document, its plot and `paper_table.json`; the unlabelled part (`unlabeled.json`) when given
+    or already next to the document."""
     results.parent.mkdir(parents=True, exist_ok=True)
     notes = ""
     if results.exists() and NOTES_MARKER in results.read_text():
         notes = results.read_text().split(NOTES_MARKER, 1)[1]
     (results.parent / "paper_table.json").write_text(json.dumps(runs, indent=1))
+    unlabeled_json = results.parent / "unlabeled.json"
+    if unlabeled is not None:
+        unlabeled_json.write_text(json.dumps(unlabeled, indent=1))
+    elif unlabeled_json.exists():
+        unlabeled = json.loads(unlabeled_json.read_text())
     plot(runs, results.parent / "paper_table.png")
-    results.write_text(render(runs, wall_s, command) + "\n" + NOTES_MARKER + notes)
+    text = render(runs, wall_s, command)
+    if unlabeled is not None:
+        text += "\n".join(["", *render_unlabeled(unlabeled)])
+    results.write_text(text + "\n" + NOTES_MARKER + notes)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny models and data, one seed (seconds)")
+    parser.add_argument(
+        "--part",
+        choices=("table", "unlabeled", "all"),
+        default="table",
+        help="the paper's table (default, 45 min), the unlabelled-images part (about 20 CPU min per seed), or both",
+    )
     parser.add_argument("--seeds", type=int, nargs="+")
     parser.add_argument("--regimes", nargs="+", choices=("deit", "light"))
     parser.add_argument("--output_dir", help="where the runs go (default runs/paper_table)")
@@ -547,7 +742,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--render",
         metavar="JSON",
-        help="only write the document from a paper_table.json (e.g. a partial run)",
+        help="only write the document from a paper_table.json (e.g. a partial run) and the unlabelled seeds found",
     )
     for name in (
         "train_samples",
@@ -559,24 +754,45 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument(f"--{name}", type=int)
     args = parser.parse_args(argv)
     config = TableConfig(**QUICK) if args.quick else TableConfig()
+    unlabeled_config = UnlabeledConfig(**QUICK_UNLABELED) if args.quick else UnlabeledConfig()
+    if args.output_dir:
+        unlabeled_config = replace(unlabeled_config, output_dir=args.output_dir)
+    if args.seeds:
+        unlabeled_config = replace(unlabeled_config, seeds=tuple(args.seeds))
+    results = Path(args.results or config.results)
+    logging.basicConfig(level=logging.WARNING)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if args.render:
         runs = json.loads(Path(args.render).read_text())
         add_diagnostics(runs)
-        write_document(runs, runs["wall_s"], runs["command"], Path(args.results or "docs/RESULTS.md"))
+        unlabeled = gather_unlabeled(Path(runs["config"]["output_dir"]))
+        write_document(runs, runs["wall_s"], runs["command"], results, unlabeled)
         return 0
     overrides = {
-        k: v for k, v in vars(args).items() if v is not None and k not in ("quick", "no_cache", "render")
+        k: v
+        for k, v in vars(args).items()
+        if v is not None and k not in ("quick", "no_cache", "render", "part", "results")
     }
     overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
     config = replace(config, **overrides, use_cache=not args.no_cache)
-    logging.basicConfig(level=logging.WARNING)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     command = " ".join(["python bench/paper_table.py", *(argv if argv is not None else sys.argv[1:])])
+    if args.part in ("unlabeled", "all"):
+        run_unlabeled(unlabeled_config)
+    unlabeled = gather_unlabeled(Path(unlabeled_config.output_dir))
+    if args.part == "unlabeled":
+        # The table's own numbers stay as they are: re-render them with the unlabelled seeds gathered so far.
+        table_json = results.parent / "paper_table.json"
+        if not table_json.exists():
+            raise SystemExit(f"{table_json} not found: run --part table first (or --part all).")
+        runs = json.loads(table_json.read_text())
+        write_document(runs, runs["wall_s"], runs["command"], results, unlabeled)
+        print(f"wrote {results} with the unlabelled seeds in {unlabeled_config.output_dir}/unlabeled")
+        return 0
     partial = Path(config.output_dir) / "paper_table.json"
     runs = run_table(config, partial, command)
     add_diagnostics(runs)
-    write_document(runs, runs["wall_s"], command, Path(config.results))
-    print(f"wrote {config.results} in {runs['wall_s'] / 60:.1f} min")
+    write_document(runs, runs["wall_s"], command, results, unlabeled)
+    print(f"wrote {results} in {runs['wall_s'] / 60:.1f} min")
     return 0
 
 

@@ -110,14 +110,25 @@ def test_head_agreement_counts_match_a_hand_count():
 
 @pytest.fixture(scope="module")
 def table(tmp_path_factory) -> Path:
-    """The quick paper table: teachers and students of one seed in the light regime."""
+    """The quick paper table, both parts: teachers and students of one seed in the light regime, and the
+    unlabelled-images runs."""
     spec = importlib.util.spec_from_file_location("paper_table", ROOT / "bench" / "paper_table.py")
     paper_table = importlib.util.module_from_spec(spec)
     sys.modules["paper_table"] = paper_table  # dataclasses look their module up there
     spec.loader.exec_module(paper_table)
     out = tmp_path_factory.mktemp("table")
     paper_table.main(
-        ["--quick", "--regimes", "light", "--output_dir", str(out), "--results", str(out / "RESULTS.md")]
+        [
+            "--quick",
+            "--part",
+            "all",
+            "--regimes",
+            "light",
+            "--output_dir",
+            str(out),
+            "--results",
+            str(out / "RESULTS.md"),
+        ]  # fmt: skip
     )
     return out
 
@@ -137,6 +148,22 @@ def test_paper_table_quick_writes_every_row_with_a_plot_and_the_per_seed_numbers
         == set(runs["teacher_agreement"])
         == {"convnet/light/0", "transformer/light/0"}
     )
+
+
+def test_paper_table_unlabeled_part_trains_on_the_unpicked_rows_for_equal_steps(table):
+    document = (table / "RESULTS.md").read_text()
+    assert "## Beyond the paper: unlabelled images" in document
+    assert "the student with unlabelled images beats its teacher" in document
+    seed = json.loads((table / "unlabeled" / "seed0.json").read_text())
+    students = seed["students"]
+    assert students["unlabeled_distilled"]["num_unlabeled"] == 40  # QUICK_UNLABELED's 40 of the unpicked rows
+    assert students["labelled"]["num_unlabeled"] == 0
+    steps = {key: run["steps"] for key, run in students.items()}
+    assert (
+        steps["labelled"] == steps["labelled_distilled"] == steps["unlabeled_distilled"] == 5
+    )  # 80 / 16 x 1
+    assert 0 <= students["unlabeled_distilled"]["teacher_agreement"] <= 1
+    assert json.loads((table / "unlabeled.json").read_text())["seeds"][0]["seed"] == 0
 
 
 def test_analyze_a_run_uses_its_own_split_and_teacher_and_prints_json(table):

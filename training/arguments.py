@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import datasets
+import numpy as np
 
-from .data import CorruptImageError, load_image_dataset, scan_images
+from .data import CorruptImageError, load_image_dataset, load_unlabeled_images, scan_images, with_unlabeled
 from .errors import MissingPathError, UserError
 from .transforms import TRAIN_PRESETS
 
@@ -126,25 +129,87 @@ class DataArguments:
         },
     )
 
-    def load(self, seed: int, cache_dir: str | None = None) -> datasets.DatasetDict:
+    unlabeled_dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "Images without labels that train through the distillation term alone (the teacher labels "
+            "them; the label term is masked): a folder of images (sub-folder names are ignored), "
+            "'fashion_mnist' or a Hub id. The training data's own dataset and split means its rows outside "
+            "--max_train_samples. They join the labelled images in the same shuffled batches, so about "
+            "unlabelled / (labelled + unlabelled) of every batch is unlabelled; set the ratio with "
+            "--max_unlabeled_samples."
+        },
+    )
+    unlabeled_split: str = field(default="train", metadata={"help": "Split of --unlabeled_dataset."})
+    unlabeled_image_column: str = field(
+        default="image", metadata={"help": "Image column of --unlabeled_dataset."}
+    )
+    max_unlabeled_samples: int | None = field(
+        default=None, metadata={"help": "Random subset of the unlabelled images, fixed by the seed."}
+    )
+
+    def load(
+        self, seed: int, cache_dir: str | None = None, *, unlabeled: bool = True
+    ) -> datasets.DatasetDict:
         """The "train" and "validation" splits these arguments describe (held-out split and subsets by `seed`),
         with undecodable images dealt with as `on_corrupt_image` says when `verify_images` is on.
+
+        The unlabelled images, when there are any, follow the labelled ones in "train" with the label
+        `UNLABELED`; `unlabeled=False` leaves them out (for commands that only evaluate).
 
         This is the one data path: `train`, `eval` and the teacher cache all load through it.
         """
         dataset = _load_or_explain(self, seed, cache_dir)
+        if self.unlabeled_dataset and unlabeled:
+            dataset["train"] = with_unlabeled(
+                dataset["train"], self._unlabeled_images(dataset, seed, cache_dir)
+            )
         for split in dataset if self.verify_images else ():
             dataset[split], skipped = scan_images(dataset[split], on_error=self.on_corrupt_image)
             if skipped:
                 logger.warning("Skipped %d undecodable images in the %s split.", skipped, split)
         return dataset
 
+    def same_source_for_unlabeled(self) -> bool:
+        """Whether --unlabeled_dataset names the training data itself (its unpicked rows are then used)."""
+        return (
+            os.path.expanduser(self.unlabeled_dataset or "") == os.path.expanduser(self.dataset_name)
+            and self.unlabeled_split == self.train_split
+        )
+
+    def _unlabeled_images(
+        self, dataset: datasets.DatasetDict, seed: int, cache_dir: str | None
+    ) -> datasets.Dataset:
+        if self.same_source_for_unlabeled():
+            rest = dataset.unpicked_train
+            if rest is None or not len(rest):
+                raise UserError(
+                    f"--unlabeled_dataset {self.unlabeled_dataset} is the training data itself, and every row is "
+                    "used with its label: keep labels for a subset with --max_train_samples, and the other rows "
+                    "become the unlabelled images."
+                )
+            if self.max_unlabeled_samples is not None and self.max_unlabeled_samples < len(rest):
+                picked = np.random.default_rng(seed).choice(
+                    len(rest), self.max_unlabeled_samples, replace=False
+                )
+                rest = rest.select(np.sort(picked))
+            return rest
+        with _explained_load_errors("--unlabeled_dataset", self.unlabeled_dataset):
+            return load_unlabeled_images(
+                self.unlabeled_dataset,
+                split=self.unlabeled_split,
+                image_column=self.unlabeled_image_column,
+                subset=self.max_unlabeled_samples,
+                seed=seed,
+                cache_dir=cache_dir,
+            )
+
 
 def _load_or_explain(args: DataArguments, seed: int, cache_dir: str | None) -> datasets.DatasetDict:
     name = args.dataset_name
     if os.path.isdir(os.path.expanduser(name)):
         check_class_folders(os.path.expanduser(name))
-    try:
+    with _explained_load_errors("--dataset_name", name):
         return load_image_dataset(
             name,
             config_name=args.dataset_config,
@@ -158,6 +223,13 @@ def _load_or_explain(args: DataArguments, seed: int, cache_dir: str | None) -> d
             seed=seed,
             cache_dir=cache_dir,
         )
+
+
+@contextmanager
+def _explained_load_errors(flag: str, name: str) -> Iterator[None]:
+    """Turn a loader's failure into one line naming `flag`; unexpected errors on existing data pass through."""
+    try:
+        yield
     except (UserError, CorruptImageError):
         raise
     except ValueError as error:  # the loader's own messages name the split, column or flag
@@ -169,7 +241,7 @@ def _load_or_explain(args: DataArguments, seed: int, cache_dir: str | None) -> d
             raise
         # `datasets` reports a missing local folder as a Hub lookup failure (a connection error when offline).
         raise UserError(
-            f"--dataset_name {name}: not a local folder, and the Hub could not provide it "
+            f"{flag} {name}: not a local folder, and the Hub could not provide it "
             f"({type(error).__name__}: {str(error).splitlines()[0][:200]}). Check the path or the dataset id."
         ) from error
 
@@ -295,7 +367,7 @@ def _check(condition: bool, flag: str, message: str) -> None:
 
 
 def check_data_arguments(args: DataArguments) -> None:
-    for flag in ("max_train_samples", "max_eval_samples"):
+    for flag in ("max_train_samples", "max_eval_samples", "max_unlabeled_samples"):
         value = getattr(args, flag)
         _check(value is None or value >= 1, flag, f"must be a positive number of images, got {value}.")
     _check(0 < args.eval_fraction < 1, "eval_fraction", f"must be in (0, 1), got {args.eval_fraction}.")
@@ -309,15 +381,34 @@ def check_data_arguments(args: DataArguments) -> None:
         "on_corrupt_image",
         "skip needs --verify_images true (bad images are found by the scan).",
     )
-    name = args.dataset_name
+    _check_local_path(
+        "dataset_name",
+        args.dataset_name,
+        "Give an existing folder of images (one sub-folder per class) or of data files, or a Hub dataset id.",
+    )
+    if args.unlabeled_dataset:
+        _check_local_path(
+            "unlabeled_dataset",
+            args.unlabeled_dataset,
+            "Give an existing folder of images or data files, or a Hub dataset id.",
+        )
+
+
+def check_unlabeled_arguments(data_args: DataArguments, distill_args: DistillationArguments) -> None:
+    """Unlabelled images train only through the teacher's term: refuse them without one."""
+    if data_args.unlabeled_dataset and distill_args.distillation_type == "none":
+        raise UserError(
+            f"--unlabeled_dataset {data_args.unlabeled_dataset}: unlabelled images train only through the "
+            "teacher's term; set --distillation_type hard or soft with --teacher, or leave --unlabeled_dataset out."
+        )
+
+
+def _check_local_path(flag: str, name: str, advice: str) -> None:
     # "./x", "/x", "~/x" and "a/b/c" can only be folders; "a/b" may also be a Hub id (checked when loading).
     if (name.startswith((".", "/", "~")) or name.count("/") > 1) and not os.path.exists(
         os.path.expanduser(name)
     ):
-        raise MissingPathError(
-            f"--dataset_name {name}: no such folder. Give an existing folder of images (one sub-folder per "
-            "class) or of data files, or a Hub dataset id."
-        )
+        raise MissingPathError(f"--{flag} {name}: no such folder. {advice}")
 
 
 def check_training_arguments(

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from timm.data.mixup import mixup_target
 
+from .data import UNLABELED
 from .views import ViewKey, mix_generator
 
 
@@ -29,6 +30,10 @@ class DistillationCollator:
       batch, so a per-process slice of a global batch is mixed exactly as in a single process. In an odd batch
       the last example stays unmixed, with a one-hot (smoothed) target.
     timm's `Mixup` cannot take a generator or a pairing, hence this short re-implementation of its batch mode.
+
+    Unlabelled images (label `UNLABELED`) keep that label without mixing; with mixing their soft target is all
+    zeros, so an image mixed from a labelled and an unlabelled one has only the labelled part of the target
+    (mass `lam` or `1 - lam`), and the loss's label term weighs it by that mass.
 
     Args:
         num_classes: Number of classes, the width of the soft targets.
@@ -114,7 +119,9 @@ class DistillationCollator:
             )
         lam, box = self.mix_params(mix_generator(views[0]), tuple(pixel_values.shape[-2:]))
         # One-hot smoothed targets; they stay for unmixed batches and for the last example of an odd batch.
-        targets = mixup_target(labels, self.num_classes, smoothing=self.label_smoothing)
+        unlabeled = labels == UNLABELED
+        targets = mixup_target(labels.clamp(min=0), self.num_classes, smoothing=self.label_smoothing)
+        targets[unlabeled] = 0.0
         if lam == 1.0:
             return {"pixel_values": pixel_values, "labels": targets}
         partner = torch.arange(len(examples)) ^ 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import os
 import shutil
 import uuid
 from pathlib import Path
@@ -42,6 +43,9 @@ FASHION_MNIST_CLASSES = (
 _FASHION_MNIST_CACHE_VERSION = "1"
 # Split names taken as the evaluation split, in this order, when `eval_split` is not given.
 EVAL_SPLIT_CANDIDATES = ("validation", "valid", "val", "test")
+# The label of an image without one: `datasets.ClassLabel`'s value for a missing label. The collator and the
+# loss mask the label term of these images, which then train through the distillation term alone.
+UNLABELED = -1
 
 
 class CorruptImageError(ValueError):
@@ -82,7 +86,8 @@ def load_image_dataset(
 
     Returns:
         The splits; its `eval_split_used` attribute names the source of "validation" (e.g. "test", or
-        "train (held out 10%)").
+        "train (held out 10%)"), and `unpicked_train` holds the training rows that `train_subset` left out
+        (`None` without a subset), which can serve as unlabelled images (`with_unlabeled`).
     """
     if source == FASHION_MNIST:
         raw = _load_fashion_mnist(FASHION_MNIST_DIR, cache_dir)
@@ -119,12 +124,87 @@ def load_image_dataset(
         keep = np.setdiff1d(np.arange(len(train)), held_out)
         splits = {"train": train.select(keep), "validation": train.select(held_out)}
 
-    splits["train"] = _subset(splits["train"], train_subset, seed)
+    full_train = splits["train"]
+    splits["train"] = _subset(full_train, train_subset, seed)
     splits["validation"] = _subset(splits["validation"], eval_subset, seed)
     result = datasets.DatasetDict(splits)
     # Where "validation" came from, for the run record and the card (the split objects do not keep it).
     result.eval_split_used = eval_split or f"{train_split} (held out {eval_fraction:.0%})"
+    result.unpicked_train = None
+    if len(splits["train"]) < len(full_train):
+        picked = _stratified_indices(_labels(full_train), train_subset, seed)
+        result.unpicked_train = full_train.select(np.setdiff1d(np.arange(len(full_train)), picked))
     return result
+
+
+def load_unlabeled_images(
+    source: str,
+    *,
+    config_name: str | None = None,
+    split: str = "train",
+    image_column: str = "image",
+    subset: int | None = None,
+    seed: int = 0,
+    cache_dir: str | None = None,
+) -> datasets.Dataset:
+    """Images without labels, as a dataset with one `image` column.
+
+    Args:
+        source: "fashion_mnist", a local folder (of images, flat or in sub-folders, whose names are ignored; or
+            of data files) or a Hub dataset id.
+        split, image_column, config_name, cache_dir: As in `load_image_dataset`.
+        subset: Keep this many images, drawn at random (fixed by `seed`).
+    """
+    if source == FASHION_MNIST:
+        raw = _load_fashion_mnist(FASHION_MNIST_DIR, cache_dir)
+    elif os.path.isdir(os.path.expanduser(source)) and _holds_images_only(os.path.expanduser(source)):
+        # `drop_labels`: sub-folder names are not labels here (and a flat folder has none).
+        raw = datasets.load_dataset(
+            "imagefolder", data_dir=os.path.expanduser(source), drop_labels=True, cache_dir=cache_dir
+        )
+    else:
+        raw = datasets.load_dataset(source, config_name, cache_dir=cache_dir)
+    if split not in raw:
+        raise ValueError(
+            f"{source!r} has no split {split!r}; available splits: {list(raw)}. Set --unlabeled_split."
+        )
+    dataset = raw[split]
+    if image_column not in dataset.column_names:
+        raise ValueError(
+            f"Split {split!r} of {source!r} has no column {image_column!r}; available columns: "
+            f"{dataset.column_names}. Set --unlabeled_image_column."
+        )
+    dataset = dataset.select_columns([image_column]).rename_columns({image_column: "image"})
+    if dataset.features["image"] != datasets.Image():
+        dataset = dataset.cast_column("image", datasets.Image())
+    if subset is not None and subset < len(dataset):
+        picked = np.random.default_rng(seed).choice(len(dataset), size=subset, replace=False)
+        dataset = dataset.select(np.sort(picked))
+    return dataset
+
+
+def with_unlabeled(train: datasets.Dataset, unlabeled: datasets.Dataset) -> datasets.Dataset:
+    """`train` followed by the `unlabeled` images, labelled `UNLABELED` under `train`'s label feature."""
+    if not len(unlabeled):
+        return train
+    unlabeled = unlabeled.select_columns(["image"]).add_column("label", [UNLABELED] * len(unlabeled))
+    unlabeled = unlabeled.cast(train.features)
+    return datasets.concatenate_datasets([train, unlabeled])
+
+
+def count_unlabeled(dataset: datasets.Dataset) -> int:
+    """How many examples of `dataset` have no label (`UNLABELED`)."""
+    return int((_labels(dataset) == UNLABELED).sum()) if len(dataset) else 0
+
+
+def _holds_images_only(folder: str) -> bool:
+    """Whether every file under `folder` (hidden ones aside) is an image that `imagefolder` reads."""
+    extensions = datasets.packaged_modules.imagefolder.ImageFolder.EXTENSIONS
+    for _, _, files in os.walk(folder):
+        for name in files:
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() not in extensions:
+                return False
+    return True
 
 
 def decode_image(value: Any, index: int | None = None) -> Image.Image:

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .data import UNLABELED
+
 DISTILLATION_TYPES = ("none", "soft", "hard")
 KL_REDUCTIONS = ("numel", "batchmean")
 
@@ -59,6 +61,11 @@ class DistillationLoss(nn.Module):
             distillation term much more at the same alpha.
         label_smoothing: Smoothing of the base cross-entropy when labels are class indices. Soft `(B, C)`
             labels (from mixup/cutmix, which already smooth them) are used as they are.
+
+    Unlabelled images (label `UNLABELED`, or an all-zero soft target) have no label term: the batch's label
+    cross-entropy sums over the labelled images and divides by the whole batch, so each image's loss is the
+    paper's, with the label term of an unlabelled one masked, and a batch of labelled images alone is unchanged.
+    They need a teacher: their distillation term is all they train (with "none" they contribute nothing).
     """
 
     def __init__(
@@ -151,7 +158,16 @@ class DistillationLoss(nn.Module):
                     f"{tuple(logits.shape)}; build mixup targets with num_classes={logits.shape[-1]}."
                 )
             return F.cross_entropy(logits, labels.float())
-        return F.cross_entropy(logits, labels.long(), label_smoothing=self.label_smoothing)
+        # A sum over the labelled images divided by the whole batch (the mean when all are labelled), without a
+        # data-dependent branch that would synchronise a GPU.
+        total = F.cross_entropy(
+            logits,
+            labels.long(),
+            label_smoothing=self.label_smoothing,
+            ignore_index=UNLABELED,
+            reduction="sum",
+        )
+        return total / labels.numel()
 
     @staticmethod
     def _combine(base_loss: torch.Tensor, dist_loss: torch.Tensor, weight: float) -> DistillationLossOutput:

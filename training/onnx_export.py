@@ -260,7 +260,7 @@ def run_splits(
     if not RunRecord.exists(run_dir):
         return None
     record = RunRecord.read(run_dir)
-    dataset = record.data_arguments().load(seed=record.seed)
+    dataset = record.data_arguments().load(seed=record.seed, unlabeled=False)
     transform = build_eval_transform(image_processor)
     train = dataset["train"]
     # Shuffled first: an imagefolder's rows come sorted by class.

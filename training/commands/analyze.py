@@ -67,7 +67,7 @@ def run_analysis(
             f"{model_path} has no distillation token (a plain ViT or another model): nothing to compare."
         )
     processor = AutoImageProcessor.from_pretrained(model_path, trust_remote_code=True)
-    dataset = data_args.load(seed=seed)
+    dataset = data_args.load(seed=seed, unlabeled=False)
     names = dataset["validation"].features["label"].names
     if names != [model.config.id2label[i] for i in range(model.config.num_labels)]:
         raise UserError(

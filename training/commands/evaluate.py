@@ -73,7 +73,7 @@ def evaluate_model(
     """Every head's metrics (and the teacher's) on the evaluation split, through the model's saved processor."""
     model = AutoModelForImageClassification.from_pretrained(model_path, trust_remote_code=True)
     processor = AutoImageProcessor.from_pretrained(model_path, trust_remote_code=True)
-    dataset = data_args.load(seed=seed)
+    dataset = data_args.load(seed=seed, unlabeled=False)
     names = dataset["validation"].features["label"].names
     model_names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     if names != model_names:

@@ -34,8 +34,10 @@ from training.arguments import (
     check_cache_arguments,
     check_data_arguments,
     check_training_arguments,
+    check_unlabeled_arguments,
 )
 from training.collator import DistillationCollator
+from training.data import count_unlabeled
 from training.errors import UserError
 from training.losses import DistillationLoss
 from training.models import BuiltModel, build_model
@@ -202,6 +204,7 @@ def run_training(
     cache_args = cache_args or TeacherCacheArguments()
     check_data_arguments(data_args)
     check_training_arguments(model_args, augmentation_args, distill_args, training_args, cache_args)
+    check_unlabeled_arguments(data_args, distill_args)
     check_cache_arguments(cache_args)
     prepare_output_dir(training_args, run_args)
     transformers.set_seed(training_args.seed)
@@ -216,6 +219,14 @@ def run_training(
 
     dataset = data_args.load(seed=training_args.seed)
     id2label = dict(enumerate(dataset["train"].features["label"].names))
+    if data_args.unlabeled_dataset:
+        unlabeled = count_unlabeled(dataset["train"])
+        logger.info(
+            "Training on %d labelled and %d unlabelled images (%.0f%% of each batch unlabelled on average).",
+            len(dataset["train"]) - unlabeled,
+            unlabeled,
+            100 * unlabeled / len(dataset["train"]),
+        )
     built = build_model(model_args, id2label)
     if distill_args.scale_lr:
         training_args.learning_rate = scaled_learning_rate(training_args)
@@ -313,6 +324,7 @@ def make_run_record(
             "seed": args.seed,
             "eval_split_used": getattr(dataset, "eval_split_used", data_args.eval_split),
             "num_train_examples": len(dataset["train"]),
+            "num_unlabeled_examples": count_unlabeled(dataset["train"]) if data_args.unlabeled_dataset else 0,
             "num_eval_examples": len(dataset["validation"]),
             **vars(augmentation_args),
         },
