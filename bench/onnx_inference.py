@@ -7,8 +7,9 @@ logits; ours is then exported with `training.onnx_export.export_onnx` (which che
 quantized to int8 both ways (`dynamic`; `static`, calibrated here on random inputs, since only the speed is
 measured: accuracy is `deit-distill export --quantize int8` on a trained run), and the ONNX Runtime sessions
 join the PyTorch models in the same interleaved repeats. With `--threads 1` ONNX Runtime runs on the calling
-thread, so `--clock cpu` times it as it times PyTorch. With more threads its workers do not spin between calls,
-so that they leave the cores to the PyTorch call that follows.
+thread, so `--clock cpu` times it as it times PyTorch. With more threads its workers spin between calls, as they
+do by default in a deployed session (`--ort_spin off` stops that, at a cost in latency: it leaves the cores to
+other thread pools, which matters on a machine shared with other jobs).
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ PYTORCH = ("ours", "transformers", "timm")
 ONNX = ("ort_fp32", "ort_int8_dynamic", "ort_int8_static")
 
 
-def onnx_fns(folder: Path, threads: int) -> Callable[[dict[str, torch.nn.Module]], dict[str, Callable]]:
+def onnx_fns(
+    folder: Path, threads: int, spin: bool = True
+) -> Callable[[dict[str, torch.nn.Module]], dict[str, Callable]]:
     """Export ours into `folder`, quantize it both ways, and return a forward function per session."""
 
     def build(models: dict[str, torch.nn.Module]) -> dict[str, Callable]:
@@ -49,7 +52,7 @@ def onnx_fns(folder: Path, threads: int) -> Callable[[dict[str, torch.nn.Module]
                 folder / "model.onnx", folder / "static.onnx", "static", calibration
             ),
         }
-        sessions = {name: create_session(path, threads, spin=False) for name, path in files.items()}
+        sessions = {name: create_session(path, threads, spin=spin) for name, path in files.items()}
         return {
             name: (lambda s: lambda pixels: s.run(None, {INPUT_NAME: pixels.numpy()})[0])(session)
             for name, session in sessions.items()
@@ -87,6 +90,12 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=2, help="CPU threads, for PyTorch and ONNX Runtime.")
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="'cpu' needs --threads 1.")
+    parser.add_argument(
+        "--ort_spin",
+        choices=("on", "off"),
+        default="on",
+        help="ONNX Runtime's workers busy-wait between calls (its default) or sleep.",
+    )
     args = parser.parse_args()
     if args.clock == "cpu" and args.threads != 1:
         parser.error("--clock cpu needs --threads 1 (several threads' CPU time includes spin-waiting)")
@@ -94,7 +103,7 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, transformers {transformers.__version__}, timm {timm.__version__}, "
         f"onnxruntime {onnxruntime.__version__}, {platform.processor() or platform.machine()}, "
-        f"{args.threads} threads, {args.clock} clock, repeats {args.repeats}, "
+        f"{args.threads} threads, {args.clock} clock, ONNX Runtime spinning {args.ort_spin}, repeats {args.repeats}, "
         f"{args.images_per_repeat} images per repeat\n"
     )
     print(TABLE_HEADER)
@@ -107,7 +116,7 @@ def main() -> None:
                 args.repeats,
                 lambda batch: max(1, -(-args.images_per_repeat // batch)),
                 CLOCKS[args.clock],
-                extra_fns=onnx_fns(Path(folder), args.threads),
+                extra_fns=onnx_fns(Path(folder), args.threads, spin=args.ort_spin == "on"),
             )
             for row in rows:
                 print(format_row(row), flush=True)

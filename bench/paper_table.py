@@ -437,7 +437,7 @@ def run_unlabeled_seed(config: UnlabeledConfig, seed: int) -> dict[str, Any]:
         run = {
             "cpu_s": cpu,
             "steps": record.training["steps"],
-            "num_unlabeled": record.data["num_unlabeled_examples"],
+            "num_unlabeled": record.data.get("num_unlabeled_examples") or 0,
             **{head: final[metric_key(head, 1, "eval_")] for head in ("cls", "dist", "avg")},
         }
         if distilled:

@@ -43,6 +43,8 @@ DISTILLATION_LABELS = {
 DATA_LABELS = {
     "train_split": "train split",
     "num_train_examples": "training images",
+    "unlabeled_dataset": "unlabelled images from (distillation term only)",
+    "num_unlabeled_examples": "of which unlabelled",
     "augmentation": "augmentation",
     "mixup": "mixup alpha",
     "cutmix": "cutmix alpha",
@@ -75,6 +77,13 @@ TRAINING_LABELS = {
 }
 # Soft-only settings: a hard or label-only run may record them, but they did not act.
 _SOFT_ONLY = ("tau", "kl_reduction")
+# Settings of unlabelled images: every run records their defaults, which mean nothing without --unlabeled_dataset.
+_UNLABELED_ONLY = (
+    "unlabeled_split",
+    "unlabeled_image_column",
+    "max_unlabeled_samples",
+    "num_unlabeled_examples",
+)
 
 
 def _value(value: Any) -> str:
@@ -228,7 +237,8 @@ class _Facts:
 
     def training_rows(self) -> list[tuple[str, str]]:
         rows = [("dataset", self.dataset_text())] if self.dataset else []
-        rows += _rows(self.data, DATA_LABELS, skip=_DATA_SHOWN_ELSEWHERE)
+        unlabeled = () if self.data.get("unlabeled_dataset") else _UNLABELED_ONLY
+        rows += _rows(self.data, DATA_LABELS, skip=_DATA_SHOWN_ELSEWHERE + unlabeled)
         rows += _rows(self.run.section("training"), TRAINING_LABELS)
         if self.run.info.get("hardware"):
             rows.append(("hardware", str(self.run.info["hardware"])))

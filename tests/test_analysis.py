@@ -117,19 +117,8 @@ def table(tmp_path_factory) -> Path:
     sys.modules["paper_table"] = paper_table  # dataclasses look their module up there
     spec.loader.exec_module(paper_table)
     out = tmp_path_factory.mktemp("table")
-    paper_table.main(
-        [
-            "--quick",
-            "--part",
-            "all",
-            "--regimes",
-            "light",
-            "--output_dir",
-            str(out),
-            "--results",
-            str(out / "RESULTS.md"),
-        ]  # fmt: skip
-    )
+    argv = ["--quick", "--part", "all", "--regimes", "light", "--output_dir", str(out)]
+    paper_table.main([*argv, "--results", str(out / "RESULTS.md")])
     return out
 
 

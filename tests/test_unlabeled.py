@@ -164,6 +164,10 @@ def test_train_with_unlabelled_images_records_them(data, tmp_path):
     record = json.loads((student / RUN_RECORD_FILE).read_text())
     assert record["data"]["num_unlabeled_examples"] == 7
     assert record["data"]["num_train_examples"] == 11 + 7  # 12 images, 1 held out for evaluation
+    card = (student / "README.md").read_text()
+    assert "| unlabelled images from (distillation term only) | " + str(data["unlabeled"]) in card
+    assert "| of which unlabelled | 7 |" in card
+    assert "unlabeled_split" not in (teacher / "README.md").read_text()  # a run without them shows none
     state = json.loads((student / "trainer_state.json").read_text())
     assert state["global_step"] == 5  # ceil(18 / 4): the unlabelled images are in the epoch
 

@@ -324,7 +324,9 @@ def make_run_record(
             "seed": args.seed,
             "eval_split_used": getattr(dataset, "eval_split_used", data_args.eval_split),
             "num_train_examples": len(dataset["train"]),
-            "num_unlabeled_examples": count_unlabeled(dataset["train"]) if data_args.unlabeled_dataset else 0,
+            "num_unlabeled_examples": count_unlabeled(dataset["train"])
+            if data_args.unlabeled_dataset
+            else None,
             "num_eval_examples": len(dataset["validation"]),
             **vars(augmentation_args),
         },
