@@ -358,6 +358,7 @@ class UnlabeledConfig:
     student: str = TableConfig.student
     regime: str = "light"
     unlabeled_epochs: int = 3
+    long_epochs: int | None = 10  # a longer budget for the student with unlabelled images (None: skip it)
     short_epochs: int = 24  # the table's budget, for the labelled images alone
     teacher_epochs: int = 40  # the demo teacher's recipe
     output_dir: str = "runs/paper_table"
@@ -371,27 +372,25 @@ QUICK_UNLABELED = dict(
     eval_samples=40,
     student=QUICK["student"],
     unlabeled_epochs=1,
+    long_epochs=2,
     short_epochs=1,
     teacher_epochs=1,
     extra=QUICK["extra"],
 )
 # (key, description, distilled, with the unlabelled images, budget): budget "short" is `short_epochs` on the
-# labelled images, "equal" the unlabelled run's number of steps.
+# labelled images, "equal" the unlabelled run's number of steps, "long" `long_epochs` over all images.
 UNLABELED_RUNS = (
+    ("unlabeled_distilled", "2,000 labelled + 58,000 unlabelled, hard distillation", True, True, "equal"),
     ("labelled_short", "2,000 labelled, no teacher, the table's budget", False, False, "short"),
     ("labelled", "2,000 labelled, no teacher", False, False, "equal"),
     ("labelled_distilled", "2,000 labelled, hard distillation", True, False, "equal"),
-    ("unlabeled_distilled", "2,000 labelled + 58,000 unlabelled, hard distillation", True, True, "equal"),
+    ("unlabeled_distilled_long", "2,000 labelled + 58,000 unlabelled, hard distillation", True, True, "long"),
 )
 
 
-def unlabeled_steps(config: UnlabeledConfig, num_unlabeled: int) -> int:
-    batch = _batch_size(TableConfig(extra=config.extra))
-    return config.unlabeled_epochs * -(-(config.labelled + num_unlabeled) // batch)
-
-
-def run_unlabeled_seed(config: UnlabeledConfig, seed: int) -> dict[str, Any]:
-    """Train the teacher and the four students of one seed; return their results."""
+def unlabeled_argv(config: UnlabeledConfig, seed: int, key: str, steps: int | None = None) -> list[str]:
+    """The `train` arguments of run `key` ("teacher" or one of `UNLABELED_RUNS`) of one seed; `steps` is the
+    unlabelled run's number of steps, which the "equal" runs without unlabelled images train for."""
     out = Path(config.output_dir) / "unlabeled" / f"seed{seed}"
     data = [
         "--max_train_samples", str(config.labelled),
@@ -402,61 +401,81 @@ def run_unlabeled_seed(config: UnlabeledConfig, seed: int) -> dict[str, Any]:
         "--logging_steps", "1000",
         *config.extra,
     ]  # fmt: skip
-    teacher = out / "teacher"
-    teacher_argv = [str(RECIPES / "fashion_mnist_teacher_cpu.json"), *data]
-    teacher_argv += ["--num_train_epochs", str(config.teacher_epochs), "--output_dir", str(teacher)]
-    cpu = timed(run_training, teacher_argv)
-    top1 = json.loads((teacher / "eval_results.json").read_text())["eval_avg_top1"]
-    result: dict[str, Any] = {"teacher": {"top1": top1, "cpu_s": cpu}, "students": {}}
-    _progress(f"unlabelled, seed {seed}: teacher {100 * top1:.1f}% in {cpu:.0f} CPU s")
-    unlabeled_flags = ["--unlabeled_dataset", "fashion_mnist"]
-    if config.unlabeled is not None:
-        unlabeled_flags += ["--max_unlabeled_samples", str(config.unlabeled)]
+    if key == "teacher":
+        return [str(RECIPES / "fashion_mnist_teacher_cpu.json"), *data,
+                "--num_train_epochs", str(config.teacher_epochs), "--output_dir", str(out / key)]  # fmt: skip
+    _, _, distilled, with_unlabeled, budget = next(run for run in UNLABELED_RUNS if run[0] == key)
+    argv = [
+        str(RECIPES / "fashion_mnist_cpu.json"), *data,
+        "--config_overrides", config.student,
+        "--augmentation", config.regime,
+        "--distillation_type", "hard" if distilled else "none",
+        "--output_dir", str(out / key),
+    ]  # fmt: skip
+    argv += ["--teacher", str(out / "teacher")] if distilled else []
+    if with_unlabeled:
+        argv += ["--unlabeled_dataset", "fashion_mnist"]
+        argv += [] if config.unlabeled is None else ["--max_unlabeled_samples", str(config.unlabeled)]
+    epochs = {"short": config.short_epochs, "long": config.long_epochs, "equal": config.unlabeled_epochs}[
+        budget
+    ]
+    argv += ["--num_train_epochs", str(epochs)]
+    if budget == "equal" and not with_unlabeled:
+        argv += ["--max_steps", str(steps)]
+    return argv
+
+
+def run_unlabeled_seed(
+    config: UnlabeledConfig, seed: int, saved: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Train the teacher and the students of one seed; return their results. A run whose arguments equal
+    those of a run in `saved` (an earlier result of this seed) is not trained again."""
+    saved_runs = {"teacher": (saved or {}).get("teacher", {}), **(saved or {}).get("students", {})}
+    result: dict[str, Any] = {"teacher": {}, "students": {}}
     steps = None
-    for key, _, distilled, with_unlabeled, budget in sorted(UNLABELED_RUNS, key=lambda run: not run[3]):
-        path = out / key
-        argv = [
-            str(RECIPES / "fashion_mnist_cpu.json"), *data,
-            "--config_overrides", config.student,
-            "--augmentation", config.regime,
-            "--distillation_type", "hard" if distilled else "none",
-            "--output_dir", str(path),
-        ]  # fmt: skip
-        argv += ["--teacher", str(teacher)] if distilled else []
-        argv += unlabeled_flags if with_unlabeled else []
-        if budget == "short":
-            argv += ["--num_train_epochs", str(config.short_epochs)]
+    for key in ("teacher", *(run[0] for run in UNLABELED_RUNS)):
+        if key == "unlabeled_distilled_long" and not config.long_epochs:
+            continue
+        argv = unlabeled_argv(config, seed, key, steps)
+        path = Path(argv[argv.index("--output_dir") + 1])
+        if saved_runs.get(key, {}).get("argv") == argv and (key != "teacher" or path.is_dir()):
+            run = saved_runs[key]
         else:
-            argv += ["--num_train_epochs", str(config.unlabeled_epochs) if with_unlabeled else "1"]
-            argv += [] if with_unlabeled else ["--max_steps", str(steps)]
-        cpu = timed(run_training, argv)
-        final = json.loads((path / "eval_results.json").read_text())
-        record = RunRecord.read(path)
-        if with_unlabeled:
-            steps = record.training["steps"]  # the others train for as many steps
-        run = {
-            "cpu_s": cpu,
-            "steps": record.training["steps"],
-            "num_unlabeled": record.data.get("num_unlabeled_examples") or 0,
-            **{head: final[metric_key(head, 1, "eval_")] for head in ("cls", "dist", "avg")},
-        }
-        if distilled:
-            analysis = run_analysis(str(path), record.data_arguments(), AnalyzeArguments(), record.seed)
-            run["teacher_agreement"] = analysis["teacher_agreement"]["avg"]
-        result["students"][key] = run
-        _progress(f"unlabelled, seed {seed}, {key}: {_summary(run)}, {run['steps']} steps")
+            run = {"argv": argv, "cpu_s": timed(run_training, argv)}
+            final = json.loads((path / "eval_results.json").read_text())
+            record = RunRecord.read(path)
+            run["steps"] = record.training["steps"]
+            if key == "teacher":
+                run["top1"] = final["eval_avg_top1"]
+            else:
+                run["num_unlabeled"] = record.data.get("num_unlabeled_examples") or 0
+                run.update({head: final[metric_key(head, 1, "eval_")] for head in ("cls", "dist", "avg")})
+            if "--teacher" in argv:
+                analysis = run_analysis(str(path), record.data_arguments(), AnalyzeArguments(), record.seed)
+                run["teacher_agreement"] = analysis["teacher_agreement"]["avg"]
+            _progress(f"unlabelled, seed {seed}, {key}: {100 * run.get('avg', run.get('top1')):.1f}% in "
+                      f"{run['cpu_s']:.0f} CPU s, {run['steps']} steps")  # fmt: skip
+        if key == "teacher":
+            result["teacher"] = run
+        else:
+            result["students"][key] = run
+        if key == "unlabeled_distilled":
+            steps = run["steps"]  # the "equal" runs without unlabelled images train for as many steps
     return result
 
 
 def run_unlabeled(config: UnlabeledConfig) -> None:
-    """Run every seed of `config`, each saved to `unlabeled/seed<N>.json` as soon as it is done."""
+    """Run every seed of `config`, each saved to `unlabeled/seed<N>.json` as soon as it is done; runs already
+    saved there with the same arguments are kept (so a longer budget adds only its own run)."""
     folder = Path(config.output_dir) / "unlabeled"
     for seed in config.seeds:
+        path = folder / f"seed{seed}.json"
+        saved = json.loads(path.read_text()) if path.exists() else None
         started = time.time()
-        result = run_unlabeled_seed(config, seed)
+        result = run_unlabeled_seed(config, seed, saved)
         result.update(config=asdict(config), seed=seed, wall_s=time.time() - started)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"seed{seed}.json").write_text(json.dumps(result, indent=1))
+        path.write_text(json.dumps(result, indent=1))
 
 
 def gather_unlabeled(output_dir: Path) -> dict[str, Any] | None:
@@ -479,16 +498,26 @@ def render_unlabeled(unlabeled: dict[str, Any]) -> list[str]:
         "data's own rows outside `--max_train_samples`); they contribute only the distillation term. Top-1 on "
         f"{config['eval_samples']:,} held-out test images, seeds {', '.join(str(r['seed']) for r in seeds)}. "
         f"Teacher: the demo's convnet recipe on the labelled images alone, {config['teacher_epochs']} epochs. "
-        f"Students: `{config['student']}`, augmentation `{config['regime']}` with Mixup/CutMix; the last three "
-        f"train for the same number of optimizer steps ({seeds[0]['students']['unlabeled_distilled']['steps']:,}, "
-        f"{config['unlabeled_epochs']} epochs over labelled + unlabelled images).",
+        f"Students: `{config['student']}`, augmentation `{config['regime']}` with Mixup/CutMix; the three "
+        f"middle rows train for the same number of optimizer steps "
+        f"({seeds[0]['students']['unlabeled_distilled']['steps']:,}, {config['unlabeled_epochs']} epochs over "
+        "labelled + unlabelled images), the last row for longer when it was run.",
         "",
         "| run | top-1 (averaged heads) | DIST head | agreement with the teacher | CPU min |",
         "|---|---|---|---|---|",
         f"| teacher (convnet, labelled images only) | {_fmt(teacher)} | - | - | "
         f"{statistics.mean(r['teacher']['cpu_s'] for r in seeds) / 60:.2f} |",
     ]
-    for key, description, distilled, _, _ in UNLABELED_RUNS:
+    shown = (
+        "labelled_short",
+        "labelled",
+        "labelled_distilled",
+        "unlabeled_distilled",
+        "unlabeled_distilled_long",
+    )
+    for key, description, distilled, _, _ in sorted(UNLABELED_RUNS, key=lambda run: shown.index(run[0])):
+        if not all(key in result["students"] for result in seeds):
+            continue
         runs = [result["students"][key] for result in seeds]
         steps = runs[0]["steps"]
         label = description.replace("2,000", f"{config['labelled']:,}").replace(
@@ -509,9 +538,13 @@ def render_unlabeled(unlabeled: dict[str, Any]) -> list[str]:
         f"{verdict(best, [r['students']['labelled_distilled']['avg'] for r in seeds])} |",
         "| ... beats the student without a teacher, same steps | "
         f"{verdict(best, [r['students']['labelled']['avg'] for r in seeds])} |",
-        "",
     ]
-    return lines
+    if all("unlabeled_distilled_long" in result["students"] for result in seeds):
+        long = [result["students"]["unlabeled_distilled_long"]["avg"] for result in seeds]
+        lines.append(
+            f"| the longer-trained student with unlabelled images beats its teacher | {verdict(long, teacher)} |"
+        )
+    return [*lines, ""]
 
 
 # ---------------------------------------------------------------------------------------------- the document

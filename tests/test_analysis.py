@@ -148,11 +148,28 @@ def test_paper_table_unlabeled_part_trains_on_the_unpicked_rows_for_equal_steps(
     assert students["unlabeled_distilled"]["num_unlabeled"] == 40  # QUICK_UNLABELED's 40 of the unpicked rows
     assert students["labelled"]["num_unlabeled"] == 0
     steps = {key: run["steps"] for key, run in students.items()}
-    assert (
-        steps["labelled"] == steps["labelled_distilled"] == steps["unlabeled_distilled"] == 5
-    )  # 80 / 16 x 1
+    assert steps["labelled"] == steps["labelled_distilled"] == steps["unlabeled_distilled"] == 5  # 80 / 16
+    assert steps["unlabeled_distilled_long"] == 10  # long_epochs 2
     assert 0 <= students["unlabeled_distilled"]["teacher_agreement"] <= 1
     assert json.loads((table / "unlabeled.json").read_text())["seeds"][0]["seed"] == 0
+    assert "the longer-trained student with unlabelled images beats its teacher" in document
+
+
+def test_paper_table_unlabeled_part_keeps_saved_runs_with_the_same_arguments(table, monkeypatch):
+    paper_table = sys.modules["paper_table"]
+    config = paper_table.UnlabeledConfig(**paper_table.QUICK_UNLABELED, output_dir=str(table))
+    saved = json.loads((table / "unlabeled" / "seed0.json").read_text())
+    trained = []
+    monkeypatch.setattr(paper_table, "timed", lambda function, argv: trained.append(argv) or 0.0)
+    assert paper_table.run_unlabeled_seed(config, 0, saved)["students"] == saved["students"]
+    assert trained == []  # nothing trained again
+    del saved["students"]["unlabeled_distilled_long"]
+    paper_table.run_unlabeled_seed(
+        config, 0, saved
+    )  # the stub trains nothing; the run's files are still there
+    assert [argv[argv.index("--output_dir") + 1] for argv in trained] == [
+        str(table / "unlabeled" / "seed0" / "unlabeled_distilled_long")
+    ]
 
 
 def test_analyze_a_run_uses_its_own_split_and_teacher_and_prints_json(table):
