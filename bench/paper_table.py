@@ -385,12 +385,13 @@ UNLABELED_RUNS = (
     ("labelled", "2,000 labelled, no teacher", False, False, "equal"),
     ("labelled_distilled", "2,000 labelled, hard distillation", True, False, "equal"),
     ("unlabeled_distilled_long", "2,000 labelled + 58,000 unlabelled, hard distillation", True, True, "long"),
+    ("labelled_distilled_long", "2,000 labelled, hard distillation", True, False, "long"),
 )
 
 
 def unlabeled_argv(config: UnlabeledConfig, seed: int, key: str, steps: int | None = None) -> list[str]:
     """The `train` arguments of run `key` ("teacher" or one of `UNLABELED_RUNS`) of one seed; `steps` is the
-    unlabelled run's number of steps, which the "equal" runs without unlabelled images train for."""
+    number of steps of the run with unlabelled images of the same budget, which a run without them trains for."""
     out = Path(config.output_dir) / "unlabeled" / f"seed{seed}"
     data = [
         "--max_train_samples", str(config.labelled),
@@ -420,7 +421,7 @@ def unlabeled_argv(config: UnlabeledConfig, seed: int, key: str, steps: int | No
         budget
     ]
     argv += ["--num_train_epochs", str(epochs)]
-    if budget == "equal" and not with_unlabeled:
+    if budget != "short" and not with_unlabeled:
         argv += ["--max_steps", str(steps)]
     return argv
 
@@ -432,11 +433,12 @@ def run_unlabeled_seed(
     those of a run in `saved` (an earlier result of this seed) is not trained again."""
     saved_runs = {"teacher": (saved or {}).get("teacher", {}), **(saved or {}).get("students", {})}
     result: dict[str, Any] = {"teacher": {}, "students": {}}
-    steps = None
+    budgets = {run[0]: run[4] for run in UNLABELED_RUNS}
+    steps: dict[str, int] = {}  # budget -> steps of its run with unlabelled images (which runs first)
     for key in ("teacher", *(run[0] for run in UNLABELED_RUNS)):
-        if key == "unlabeled_distilled_long" and not config.long_epochs:
+        if budgets.get(key) == "long" and not config.long_epochs:
             continue
-        argv = unlabeled_argv(config, seed, key, steps)
+        argv = unlabeled_argv(config, seed, key, steps.get(budgets.get(key)))
         path = Path(argv[argv.index("--output_dir") + 1])
         if saved_runs.get(key, {}).get("argv") == argv and (key != "teacher" or path.is_dir()):
             run = saved_runs[key]
@@ -459,8 +461,10 @@ def run_unlabeled_seed(
             result["teacher"] = run
         else:
             result["students"][key] = run
-        if key == "unlabeled_distilled":
-            steps = run["steps"]  # the "equal" runs without unlabelled images train for as many steps
+        if key in ("unlabeled_distilled", "unlabeled_distilled_long"):
+            steps[budgets[key]] = run[
+                "steps"
+            ]  # the runs of this budget without unlabelled images train as long
     return result
 
 
@@ -498,10 +502,10 @@ def render_unlabeled(unlabeled: dict[str, Any]) -> list[str]:
         "data's own rows outside `--max_train_samples`); they contribute only the distillation term. Top-1 on "
         f"{config['eval_samples']:,} held-out test images, seeds {', '.join(str(r['seed']) for r in seeds)}. "
         f"Teacher: the demo's convnet recipe on the labelled images alone, {config['teacher_epochs']} epochs. "
-        f"Students: `{config['student']}`, augmentation `{config['regime']}` with Mixup/CutMix; the three "
-        f"middle rows train for the same number of optimizer steps "
-        f"({seeds[0]['students']['unlabeled_distilled']['steps']:,}, {config['unlabeled_epochs']} epochs over "
-        "labelled + unlabelled images), the last row for longer when it was run.",
+        f"Students: `{config['student']}`, augmentation `{config['regime']}` with Mixup/CutMix. Rows with the "
+        "same number of steps are compared at equal optimizer steps: the run with unlabelled images sets it "
+        f"({config['unlabeled_epochs']} epochs, or {config['long_epochs']} for the longer budget, over labelled + "
+        "unlabelled images) and the labelled-only runs train for as many steps.",
         "",
         "| run | top-1 (averaged heads) | DIST head | agreement with the teacher | CPU min |",
         "|---|---|---|---|---|",
