@@ -517,6 +517,7 @@ def render_unlabeled(unlabeled: dict[str, Any]) -> list[str]:
         "labelled",
         "labelled_distilled",
         "unlabeled_distilled",
+        "labelled_distilled_long",
         "unlabeled_distilled_long",
     )
     for key, description, distilled, _, _ in sorted(UNLABELED_RUNS, key=lambda run: shown.index(run[0])):
@@ -547,6 +548,12 @@ def render_unlabeled(unlabeled: dict[str, Any]) -> list[str]:
         long = [result["students"]["unlabeled_distilled_long"]["avg"] for result in seeds]
         lines.append(
             f"| the longer-trained student with unlabelled images beats its teacher | {verdict(long, teacher)} |"
+        )
+    if all("labelled_distilled_long" in result["students"] for result in seeds):
+        alone = [result["students"]["labelled_distilled_long"]["avg"] for result in seeds]
+        lines.append(
+            "| ... beats the same student distilled on the labelled images alone, same longer budget | "
+            f"{verdict(long, alone)} |"
         )
     return [*lines, ""]
 
