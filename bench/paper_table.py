@@ -386,6 +386,7 @@ UNLABELED_RUNS = (
     ("labelled_distilled", "2,000 labelled, hard distillation", True, False, "equal"),
     ("unlabeled_distilled_long", "2,000 labelled + 58,000 unlabelled, hard distillation", True, True, "long"),
     ("labelled_distilled_long", "2,000 labelled, hard distillation", True, False, "long"),
+    ("labelled_long", "2,000 labelled, no teacher", False, False, "long"),
 )
 
 
@@ -517,6 +518,7 @@ def render_unlabeled(unlabeled: dict[str, Any]) -> list[str]:
         "labelled",
         "labelled_distilled",
         "unlabeled_distilled",
+        "labelled_long",
         "labelled_distilled_long",
         "unlabeled_distilled_long",
     )

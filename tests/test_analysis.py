@@ -149,7 +149,9 @@ def test_paper_table_unlabeled_part_trains_on_the_unpicked_rows_for_equal_steps(
     assert students["labelled"]["num_unlabeled"] == 0
     steps = {key: run["steps"] for key, run in students.items()}
     assert steps["labelled"] == steps["labelled_distilled"] == steps["unlabeled_distilled"] == 5  # 80 / 16
-    assert steps["unlabeled_distilled_long"] == steps["labelled_distilled_long"] == 10  # long_epochs 2
+    assert (
+        steps["unlabeled_distilled_long"] == steps["labelled_distilled_long"] == steps["labelled_long"] == 10
+    )
     assert 0 <= students["unlabeled_distilled"]["teacher_agreement"] <= 1
     assert json.loads((table / "unlabeled.json").read_text())["seeds"][0]["seed"] == 0
     assert "the longer-trained student with unlabelled images beats its teacher" in document
