@@ -557,6 +557,15 @@ def render_unlabeled(unlabeled: dict[str, Any]) -> list[str]:
             "| ... beats the same student distilled on the labelled images alone, same longer budget | "
             f"{verdict(long, alone)} |"
         )
+    if all({"labelled_distilled_long", "labelled_long"} <= set(result["students"]) for result in seeds):
+        lines.append(
+            "| distillation beats no teacher on the labelled images alone, longer budget | "
+            + verdict(
+                [result["students"]["labelled_distilled_long"]["avg"] for result in seeds],
+                [result["students"]["labelled_long"]["avg"] for result in seeds],
+            )
+            + " |"
+        )
     return [*lines, ""]
 
 

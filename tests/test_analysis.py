@@ -156,6 +156,7 @@ def test_paper_table_unlabeled_part_trains_on_the_unpicked_rows_for_equal_steps(
     assert json.loads((table / "unlabeled.json").read_text())["seeds"][0]["seed"] == 0
     assert "the longer-trained student with unlabelled images beats its teacher" in document
     assert "distilled on the labelled images alone, same longer budget" in document
+    assert "distillation beats no teacher on the labelled images alone, longer budget" in document
 
 
 def test_paper_table_unlabeled_part_keeps_saved_runs_with_the_same_arguments(table, monkeypatch):
