@@ -13,6 +13,18 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def run_offline(command: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run `command` from the repository root without the Hub, capturing its output as text."""
+    return subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+
+
 def kill_when_stalled(command: list[str], marker: Path, what: str, timeout: float = 240) -> None:
     """Run `command` until it writes `marker` (where it stalls on purpose), then SIGKILL it with its workers.
 

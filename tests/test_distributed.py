@@ -17,15 +17,14 @@ would refuse it, so a successful run also shows it is not wrapped.
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from processes import run_offline
 from safetensors.torch import load_file
 from transformers import ResNetConfig, ResNetForImageClassification
 
@@ -111,14 +110,7 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
         str(ROOT / "training" / "train.py"),
         *run_args(ddp_dir, teacher, per_device_batch=GLOBAL_BATCH // 2),
     ]  # fmt: skip
-    done = subprocess.run(
-        command,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
+    done = run_offline(command)
     assert done.returncode == 0, done.stderr[-6000:]
     ranks = re.findall(r"Process (\d+) of world_size=(\d+)", done.stderr)
     assert sorted(ranks) == [("0", "2"), ("1", "2")]

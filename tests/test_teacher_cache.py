@@ -10,8 +10,6 @@ batches of 16: 4 steps per epoch, so 6 steps cross an epoch boundary.
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -23,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from hub_server import DEFAULT_TOKEN
-from processes import kill_when_stalled
+from processes import kill_when_stalled, run_offline
 from safetensors.torch import load_file, save_file
 from test_distributed import free_port, save_teacher
 from test_resume import logged_losses
@@ -387,14 +385,7 @@ def test_two_processes_under_accelerate_write_their_own_shards_with_the_one_proc
         "-m", "training.commands.cache_teacher",
         *run, "--per_device_train_batch_size", "8", "--teacher_cache", str(two), "--output_dir", str(tmp_path / "o2"),
     ]  # fmt: skip
-    done = subprocess.run(
-        command,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=ROOT,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
+    done = run_offline(command)
     assert done.returncode == 0, done.stderr[-4000:]
     cache_teacher([*run, "--teacher_cache", str(one), "--output_dir", str(tmp_path / "o1")])
 

@@ -14,9 +14,15 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import datasets
-import numpy as np
 
-from .data import CorruptImageError, load_image_dataset, load_unlabeled_images, scan_images, with_unlabeled
+from .data import (
+    CorruptImageError,
+    load_image_dataset,
+    load_unlabeled_images,
+    random_subset,
+    scan_images,
+    with_unlabeled,
+)
 from .errors import MissingPathError, UserError
 from .transforms import TRAIN_PRESETS
 
@@ -188,12 +194,7 @@ class DataArguments:
                     "used with its label: keep labels for a subset with --max_train_samples, and the other rows "
                     "become the unlabelled images."
                 )
-            if self.max_unlabeled_samples is not None and self.max_unlabeled_samples < len(rest):
-                picked = np.random.default_rng(seed).choice(
-                    len(rest), self.max_unlabeled_samples, replace=False
-                )
-                rest = rest.select(np.sort(picked))
-            return rest
+            return random_subset(rest, self.max_unlabeled_samples, seed)
         with _explained_load_errors("--unlabeled_dataset", self.unlabeled_dataset):
             return load_unlabeled_images(
                 self.unlabeled_dataset,

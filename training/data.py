@@ -124,16 +124,16 @@ def load_image_dataset(
         keep = np.setdiff1d(np.arange(len(train)), held_out)
         splits = {"train": train.select(keep), "validation": train.select(held_out)}
 
-    full_train = splits["train"]
-    splits["train"] = _subset(full_train, train_subset, seed)
+    full_train, unpicked = splits["train"], None
+    picked = _subset_indices(full_train, train_subset, seed)
+    if picked is not None:
+        splits["train"] = full_train.select(picked)
+        unpicked = full_train.select(np.setdiff1d(np.arange(len(full_train)), picked))
     splits["validation"] = _subset(splits["validation"], eval_subset, seed)
     result = datasets.DatasetDict(splits)
     # Where "validation" came from, for the run record and the card (the split objects do not keep it).
     result.eval_split_used = eval_split or f"{train_split} (held out {eval_fraction:.0%})"
-    result.unpicked_train = None
-    if len(splits["train"]) < len(full_train):
-        picked = _stratified_indices(_labels(full_train), train_subset, seed)
-        result.unpicked_train = full_train.select(np.setdiff1d(np.arange(len(full_train)), picked))
+    result.unpicked_train = unpicked
     return result
 
 
@@ -177,10 +177,7 @@ def load_unlabeled_images(
     dataset = dataset.select_columns([image_column]).rename_columns({image_column: "image"})
     if dataset.features["image"] != datasets.Image():
         dataset = dataset.cast_column("image", datasets.Image())
-    if subset is not None and subset < len(dataset):
-        picked = np.random.default_rng(seed).choice(len(dataset), size=subset, replace=False)
-        dataset = dataset.select(np.sort(picked))
-    return dataset
+    return random_subset(dataset, subset, seed)
 
 
 def with_unlabeled(train: datasets.Dataset, unlabeled: datasets.Dataset) -> datasets.Dataset:
@@ -402,12 +399,26 @@ def _stratified_indices(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.sort(np.argsort(quantiles, kind="stable")[:n])
 
 
-def _subset(dataset: datasets.Dataset, n: int | None, seed: int) -> datasets.Dataset:
+def _subset_indices(dataset: datasets.Dataset, n: int | None, seed: int) -> np.ndarray | None:
+    """The rows of a stratified subset of `n` examples, or `None` when `n` keeps the whole dataset."""
     if n is None or n >= len(dataset):
-        return dataset
+        return None
     if n <= 0:
         raise ValueError(f"Subset sizes must be positive, got {n}.")
-    return dataset.select(_stratified_indices(_labels(dataset), n, seed))
+    return _stratified_indices(_labels(dataset), n, seed)
+
+
+def _subset(dataset: datasets.Dataset, n: int | None, seed: int) -> datasets.Dataset:
+    picked = _subset_indices(dataset, n, seed)
+    return dataset if picked is None else dataset.select(picked)
+
+
+def random_subset(dataset: datasets.Dataset, n: int | None, seed: int) -> datasets.Dataset:
+    """`n` rows of `dataset` drawn at random (fixed by `seed`), in their order; all of them when `n` is None."""
+    if n is None or n >= len(dataset):
+        return dataset
+    picked = np.random.default_rng(seed).choice(len(dataset), size=n, replace=False)
+    return dataset.select(np.sort(picked))
 
 
 def _labels(dataset: datasets.Dataset) -> np.ndarray:
