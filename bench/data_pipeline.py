@@ -24,12 +24,12 @@ from torch.utils.data import DataLoader, RandomSampler
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from modeling_deit_distill import DeiTDistillConfig, build_image_processor
-from training.collator import DistillationCollator
-from training.data import decode_image, load_image_dataset
-from training.sampler import ViewSampler
-from training.transforms import build_train_transform, with_image_transform
-from training.views import SeededViews, ViewCollator
+from deit_distill.modeling_deit_distill import DeiTDistillConfig, build_image_processor
+from deit_distill.training.collator import DistillationCollator
+from deit_distill.training.data import decode_image, load_image_dataset
+from deit_distill.training.sampler import ViewSampler
+from deit_distill.training.transforms import build_train_transform, with_image_transform
+from deit_distill.training.views import SeededViews, ViewCollator
 
 BATCH, NUM_CLASSES = 128, 10
 

@@ -10,7 +10,7 @@
 2. Training throughput at 224 (images/s), the math of a `DistillationTrainer` step written out: student
    forward and backward under bf16 autocast, the frozen teacher's forward under no_grad on the same batch,
    `DistillationLoss`, fused AdamW with the no-weight-decay groups. Student alone, live teacher, and a teacher
-   cache row when `training.teacher_cache` exists. Pre-made batches on the GPU, so no data loading is timed.
+   cache row when `deit_distill.training.teacher_cache` exists. Pre-made batches on the GPU, so no data loading is timed.
 3. Data feed: images/s that the DeiT training pipeline (`decode_image`, then
    `build_train_transform(build_image_processor(config), "deit")`) delivers through a torch DataLoader with
    8 and 16 workers, on JPEGs of ImageNet-like sizes written by this script, set against the step rates of 2.
@@ -52,10 +52,14 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from modeling_deit_distill import DeiTDistillConfig, DeiTDistillForImageClassification, build_image_processor
-from training.data import decode_image
-from training.losses import DistillationLoss
-from training.transforms import build_train_transform
+from deit_distill.modeling_deit_distill import (
+    DeiTDistillConfig,
+    DeiTDistillForImageClassification,
+    build_image_processor,
+)
+from deit_distill.training.data import decode_image
+from deit_distill.training.losses import DistillationLoss
+from deit_distill.training.transforms import build_train_transform
 
 LEARNING_RATE, WEIGHT_DECAY, LABEL_SMOOTHING = 5e-4, 0.05, 0.1
 # bf16 keeps 8 bits of mantissa (relative step 2^-8 = 0.4%). The first loss (same weights, same batch) sees
@@ -365,7 +369,7 @@ def training_modes(
     pixels, labels = fixed_batch(profile, device)
     none = DistillationLoss("none", label_smoothing=LABEL_SMOOTHING)
     hard = DistillationLoss("hard", alpha=0.5, label_smoothing=LABEL_SMOOTHING)
-    has_cache = importlib.util.find_spec("training.teacher_cache") is not None
+    has_cache = importlib.util.find_spec("deit_distill.training.teacher_cache") is not None
     modes: dict[str, tuple[dict[str, Any], Callable[[], Any]]] = {}
     errors: dict[str, str] = {}
 
@@ -440,7 +444,9 @@ def training_modes(
         teacher_forward(teacher_cl, pixels),
     )
     if not has_cache:
-        errors["teacher cache"] = "skipped: training.teacher_cache does not exist in this checkout"
+        errors["teacher cache"] = (
+            "skipped: deit_distill.training.teacher_cache does not exist in this checkout"
+        )
     return modes, errors
 
 

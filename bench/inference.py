@@ -24,7 +24,7 @@ import timm
 import torch
 import transformers
 
-from modeling_deit_distill import from_timm, to_transformers_deit
+from deit_distill.modeling_deit_distill import from_timm, to_transformers_deit
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 

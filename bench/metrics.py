@@ -19,7 +19,7 @@ from transformers import EvalPrediction
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from training.evaluation import build_compute_metrics, load_deit_accuracy
+from deit_distill.training.evaluation import build_compute_metrics, load_deit_accuracy
 
 
 def main() -> None:

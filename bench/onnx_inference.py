@@ -3,7 +3,7 @@
     python bench/onnx_inference.py --variants tiny small --batch-sizes 1 8 32 --threads 1 --clock cpu
 
 `bench/inference.py`'s `benchmark_variant` builds the three PyTorch models with the same weights and checks their
-logits; ours is then exported with `training.onnx_export.export_onnx` (which checks the graph against PyTorch),
+logits; ours is then exported with `deit_distill.training.onnx_export.export_onnx` (which checks the graph against PyTorch),
 quantized to int8 both ways (`dynamic`; `static`, calibrated here on random inputs, since only the speed is
 measured: accuracy is `deit-distill export --quantize int8` on a trained run), and the ONNX Runtime sessions
 join the PyTorch models in the same interleaved repeats. With `--threads 1` ONNX Runtime runs on the calling
@@ -27,9 +27,9 @@ import torch
 import transformers
 from inference import CLOCKS, benchmark_variant
 
-from modeling_deit_distill import build_image_processor
-from modeling_deit_distill.onnx_classifier import INPUT_NAME, create_session
-from training.onnx_export import export_onnx, quantize_int8
+from deit_distill.modeling_deit_distill import build_image_processor
+from deit_distill.modeling_deit_distill.onnx_classifier import INPUT_NAME, create_session
+from deit_distill.training.onnx_export import export_onnx, quantize_int8
 
 PYTORCH = ("ours", "transformers", "timm")
 ONNX = ("ort_fp32", "ort_int8_dynamic", "ort_int8_static")

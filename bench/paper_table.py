@@ -25,7 +25,7 @@ The convnet teacher's outputs come from a teacher cache (`cache-teacher`, once p
 convnet-distilled student of that seed and regime replays; all students of a seed and regime draw exactly the
 same augmented views. The transformer teacher teaches one run per seed and regime, where a cache would cost
 more than it saves, so it runs live. CPU time is measured per run (`time.process_time`), so it does not depend on
-what else the machine runs. Each distilled student with a DIST token is analysed (`training.analysis`: CLS/DIST
+what else the machine runs. Each distilled student with a DIST token is analysed (`deit_distill.training.analysis`: CLS/DIST
 cosine by depth). The per-seed numbers go to `paper_table.json` next to the document; text below the
 `<!-- notes -->` line of an existing document is kept, so hand-written notes survive a regeneration.
 """
@@ -51,19 +51,19 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from transformers import AutoImageProcessor  # noqa: E402
 
-from training.commands.analyze import AnalyzeArguments, run_analysis  # noqa: E402
-from training.commands.cache_teacher import run_cache_teacher  # noqa: E402
-from training.commands.train import parse_args, run_training  # noqa: E402
-from training.evaluation import metric_key  # noqa: E402
-from training.run_record import RunRecord  # noqa: E402
-from training.teacher import (  # noqa: E402
+from deit_distill.training.commands.analyze import AnalyzeArguments, run_analysis  # noqa: E402
+from deit_distill.training.commands.cache_teacher import run_cache_teacher  # noqa: E402
+from deit_distill.training.commands.train import parse_args, run_training  # noqa: E402
+from deit_distill.training.evaluation import metric_key  # noqa: E402
+from deit_distill.training.run_record import RunRecord  # noqa: E402
+from deit_distill.training.teacher import (  # noqa: E402
     InputSpec,
     TeacherInputAdapter,
     load_teacher,
     load_teacher_image_processor,
     teacher_logits_from_output,
 )
-from training.transforms import build_train_transform, with_image_transform  # noqa: E402
+from deit_distill.training.transforms import build_train_transform, with_image_transform  # noqa: E402
 
 RECIPES = ROOT / "training" / "recipes"
 NOTES_MARKER = "<!-- notes -->"

@@ -38,9 +38,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_step import build_student, build_teacher
 
-from modeling_deit_distill import DeiTDistillConfig, DeiTDistillForImageClassification
-from training.losses import DistillationLoss
-from training.teacher_cache import (
+from deit_distill.modeling_deit_distill import DeiTDistillConfig, DeiTDistillForImageClassification
+from deit_distill.training.losses import DistillationLoss
+from deit_distill.training.teacher_cache import (
     CACHE_FORMAT,
     DATA_DIR,
     DTYPES,
@@ -48,7 +48,7 @@ from training.teacher_cache import (
     TeacherCache,
     _ShardWriter,
 )
-from training.views import ViewKey
+from deit_distill.training.views import ViewKey
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
@@ -221,8 +221,8 @@ def bench_steps(args: argparse.Namespace, workdir: Path) -> None:
 
 
 def bench_precompute(args: argparse.Namespace, workdir: Path) -> None:
-    from training.commands.cache_teacher import main as cache_teacher
-    from training.data import FASHION_MNIST_CLASSES
+    from deit_distill.training.commands.cache_teacher import main as cache_teacher
+    from deit_distill.training.data import FASHION_MNIST_CLASSES
 
     teacher = build_teacher()
     teacher.config.id2label = dict(enumerate(FASHION_MNIST_CLASSES))

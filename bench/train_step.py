@@ -43,10 +43,10 @@ from transformers import (
     get_scheduler,
 )
 
-from modeling_deit_distill import DeiTDistillConfig, DeiTDistillForImageClassification
-from training.losses import DistillationLoss
-from training.optim import no_decay_parameter_names
-from training.trainer import DistillationTrainer
+from deit_distill.modeling_deit_distill import DeiTDistillConfig, DeiTDistillForImageClassification
+from deit_distill.training.losses import DistillationLoss
+from deit_distill.training.optim import no_decay_parameter_names
+from deit_distill.training.trainer import DistillationTrainer
 
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 NUM_CLASSES = 10

@@ -1,7 +1,7 @@
 """The model card of a training run: Hub metadata with a model-index of the measured accuracies, and a body
 describing the model, its distillation and training settings, results, curves, usage and limitations.
 
-Every number on the card is read from the run directory's files (see `model_cards.run`); a setting the run did not
+Every number on the card is read from the run directory's files (see `deit_distill.model_cards.run`); a setting the run did not
 record is left out rather than guessed.
 
 Metadata choices:
@@ -21,7 +21,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from training.data import EVAL_SPLIT_CANDIDATES
+from deit_distill.training.data import EVAL_SPLIT_CANDIDATES
 
 from .plot import has_training_curves, plot_training_curves
 from .run import PREPROCESSOR_FILE, Run, code_files, read_run

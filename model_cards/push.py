@@ -132,7 +132,7 @@ def push_run(
 def _stage_native_copy(run: Run, staging: Path) -> dict[str, Path | bytes]:
     """Convert with the model package's exporters into `staging`: transformers' DeiT-with-teacher, or ViT for a
     model without the distillation token."""
-    from modeling_deit_distill import (
+    from deit_distill.modeling_deit_distill import (
         DeiTDistillForImageClassification,
         to_transformers_deit,
         to_transformers_vit,
@@ -152,7 +152,7 @@ def _stage_onnx(run: Run, folder: Path) -> dict[str, Path]:
     path in the repo. Runs before any request, so a missing onnx extra or a failed check stops the push."""
     from transformers import AutoImageProcessor, AutoModelForImageClassification
 
-    from training.onnx_export import INT8_FILE, ONNX_FILE, export_onnx, quantize_int8
+    from deit_distill.training.onnx_export import INT8_FILE, ONNX_FILE, export_onnx, quantize_int8
 
     model = AutoModelForImageClassification.from_pretrained(run.path, trust_remote_code=True)
     report = export_onnx(model, AutoImageProcessor.from_pretrained(run.path), folder, source=run.path.name)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from training.run_record import EVAL_RESULTS_FILE, RUN_RECORD_FILE
+from deit_distill.training.run_record import EVAL_RESULTS_FILE, RUN_RECORD_FILE
 
 CONFIG_FILE = "config.json"
 PREPROCESSOR_FILE = "preprocessor_config.json"

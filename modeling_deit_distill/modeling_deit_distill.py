@@ -308,7 +308,7 @@ class DeiTDistillPreTrainedModel(PreTrainedModel):
         """timm's contract: the names (in `named_parameters()`) of the matrices trained without weight decay.
 
         These are the CLS and DIST tokens and the position embedding. Norm weights and biases are not listed:
-        like timm's optimizer factory (`weight_decay_exclude_1d`), `training.optim` and `DistillationTrainer`
+        like timm's optimizer factory (`weight_decay_exclude_1d`), `deit_distill.training.optim` and `DistillationTrainer`
         exempt every parameter with fewer than two dimensions on top of these names.
         """
         special = ("cls_token", "distillation_token", "position_embeddings")

@@ -185,7 +185,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny DeiTDistill model saved with its code and image processor, as training saves it."""
     import torch
 
-    from modeling_deit_distill import (
+    from deit_distill.modeling_deit_distill import (
         DeiTDistillConfig,
         DeiTDistillForImageClassification,
         attach_pipeline,

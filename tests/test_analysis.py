@@ -1,4 +1,4 @@
-"""`training.analysis` and `deit-distill analyze` against hand computations, and the paper table's quick run.
+"""`deit_distill.training.analysis` and `deit-distill analyze` against hand computations, and the paper table's quick run.
 
 The quick table (`bench/paper_table.py --quick`, one seed, one regime, tiny models on 40 images) leaves run
 directories with their teachers behind, which the `analyze` command then reads.
@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from modeling_deit_distill import DeiTDistillConfig, DeiTDistillForImageClassification
-from training.analysis import analyze_model, head_agreement, head_weight_cosine
-from training.commands.cli import main as cli
+from deit_distill.modeling_deit_distill import DeiTDistillConfig, DeiTDistillForImageClassification
+from deit_distill.training.analysis import analyze_model, head_agreement, head_weight_cosine
+from deit_distill.training.commands.cli import main as cli
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.commands import convert, hub, predict
-from training.commands.cli import main as cli
+from deit_distill.training.commands import convert, hub, predict
+from deit_distill.training.commands.cli import main as cli
 
 TINY = [
     "--config_overrides", "patch_size=8,hidden_size=16,num_hidden_layers=1,num_attention_heads=2",

@@ -24,7 +24,7 @@ from transformers import (
     ViTForImageClassification,
 )
 
-from modeling_deit_distill import (
+from deit_distill.modeling_deit_distill import (
     DeiTDistillConfig,
     DeiTDistillForImageClassification,
     from_timm,
@@ -33,7 +33,7 @@ from modeling_deit_distill import (
     to_transformers_deit,
     to_transformers_vit,
 )
-from training.commands.convert import build_parser, run_convert
+from deit_distill.training.commands.convert import build_parser, run_convert
 
 # Odd on purpose: patch 8, 3 heads of 32, MLP ratio 2, 5 labels; plus no qkv bias and a non-square image.
 SHAPES = {

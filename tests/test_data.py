@@ -12,10 +12,16 @@ from PIL import Image
 from timm.data.auto_augment import RandAugment
 from transformers import DeiTImageProcessor
 
-from training import data as data_module
-from training.collator import DistillationCollator
-from training.data import CorruptImageError, decode_image, load_image_dataset, scan_images, to_rgb
-from training.transforms import (
+from deit_distill.training import data as data_module
+from deit_distill.training.collator import DistillationCollator
+from deit_distill.training.data import (
+    CorruptImageError,
+    decode_image,
+    load_image_dataset,
+    scan_images,
+    to_rgb,
+)
+from deit_distill.training.transforms import (
     build_eval_transform,
     build_train_transform,
     output_size,

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from training.commands.cli import main as cli
-from training.commands.demo import main as demo
-from training.data import FASHION_MNIST_DIR
+from deit_distill.training.commands.cli import main as cli
+from deit_distill.training.commands.demo import main as demo
+from deit_distill.training.data import FASHION_MNIST_DIR
 
 pytestmark = pytest.mark.skipif(
     not (Path(FASHION_MNIST_DIR) / "train-images-idx3-ubyte.gz").exists(),

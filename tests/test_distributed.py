@@ -28,9 +28,9 @@ from processes import run_offline
 from safetensors.torch import load_file
 from transformers import ResNetConfig, ResNetForImageClassification
 
-from modeling_deit_distill import build_image_processor
-from training.commands.train import main
-from training.data import FASHION_MNIST_CLASSES
+from deit_distill.modeling_deit_distill import build_image_processor
+from deit_distill.training.commands.train import main
+from deit_distill.training.data import FASHION_MNIST_CLASSES
 
 ROOT = Path(__file__).resolve().parent.parent
 GLOBAL_BATCH, STEPS = 32, 4

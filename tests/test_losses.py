@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from training.losses import DistillationLoss
+from deit_distill.training.losses import DistillationLoss
 
 B, C = 6, 10
 # The class computes in float32; the references are float64.

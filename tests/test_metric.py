@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from transformers import EvalPrediction
 
-from training.evaluation import DEIT_ACCURACY_PATH, build_compute_metrics, load_deit_accuracy
+from deit_distill.training.evaluation import DEIT_ACCURACY_PATH, build_compute_metrics, load_deit_accuracy
 
 N, C = 300, 10
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from huggingface_hub import ModelCard
 
-from model_cards.card import generate_model_card, write_model_card
+from deit_distill.model_cards.card import generate_model_card, write_model_card
 
 REPO = "test-user/deit-tiny-cifar10"
 

@@ -10,16 +10,16 @@ import torch.nn.functional as F
 from timm.optim import param_groups_layer_decay
 from transformers import TrainingArguments
 
-from modeling_deit_distill import (
+from deit_distill.modeling_deit_distill import (
     DeiTDistillConfig,
     DeiTDistillForImageClassification,
     from_timm,
     to_transformers_deit,
     to_transformers_vit,
 )
-from modeling_deit_distill.convert_deit_distill import _TIMM_RULES, _import_weights
-from training.optim import no_decay_parameter_names
-from training.trainer import DistillationTrainer
+from deit_distill.modeling_deit_distill.convert_deit_distill import _TIMM_RULES, _import_weights
+from deit_distill.training.optim import no_decay_parameter_names
+from deit_distill.training.trainer import DistillationTrainer
 
 TINY = {
     "image_size": 32,

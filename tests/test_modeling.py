@@ -11,8 +11,8 @@ from huggingface_hub.errors import StrictDataclassClassValidationError, StrictDa
 from timm.layers import resample_abs_pos_embed
 from transformers import DeiTConfig
 
-from modeling_deit_distill import DeiTDistillConfig, DeiTDistillForImageClassification, from_timm
-from training.optim import no_decay_parameter_names
+from deit_distill.modeling_deit_distill import DeiTDistillConfig, DeiTDistillForImageClassification, from_timm
+from deit_distill.training.optim import no_decay_parameter_names
 
 SMALL = {
     "image_size": 48,

@@ -16,15 +16,15 @@ import torch
 from PIL import Image
 from transformers import ResNetConfig, ResNetForImageClassification, pipeline
 
-from modeling_deit_distill import (
+from deit_distill.modeling_deit_distill import (
     DeiTDistillConfig,
     DeiTDistillForImageClassification,
     DeiTDistillImageClassificationPipeline,
     build_image_processor,
 )
-from training.commands.cli import main as cli
-from training.onnx_export import export_onnx
-from training.run_record import RunRecord
+from deit_distill.training.commands.cli import main as cli
+from deit_distill.training.onnx_export import export_onnx
+from deit_distill.training.run_record import RunRecord
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -101,7 +101,7 @@ def exported(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def test_runner_returns_the_pipelines_labels_and_scores_on_the_same_images(
     exported, tiny_model_dir, tmp_path
 ):
-    from modeling_deit_distill.onnx_classifier import OnnxImageClassifier
+    from deit_distill.modeling_deit_distill.onnx_classifier import OnnxImageClassifier
 
     images = image_inputs(tmp_path)
     classifier = pipeline(
@@ -158,7 +158,7 @@ def test_int8_of_a_run_reports_top1_of_both_on_its_evaluation_split(mode, tiny_m
 
 
 def test_predict_onnx_prints_the_runners_predictions(exported, tmp_path, capsys):
-    from modeling_deit_distill.onnx_classifier import OnnxImageClassifier
+    from deit_distill.modeling_deit_distill.onnx_classifier import OnnxImageClassifier
 
     paths = [p for p in image_inputs(tmp_path) if isinstance(p, str)]
     capsys.readouterr()
@@ -197,7 +197,7 @@ def test_bad_inputs_give_one_clear_line(exported, tmp_path, monkeypatch, capsys)
 PUSH_AND_RUN_CARD = """
 import contextlib, io, json, re
 from huggingface_hub import ModelCard
-from model_cards.push import push_run
+from deit_distill.model_cards.push import push_run
 
 push_run(PARAMS["run"], PARAMS["repo"], with_onnx=True)
 card = ModelCard.load(PARAMS["repo"])
@@ -218,7 +218,7 @@ def test_push_with_onnx_uploads_the_export_and_the_cards_snippets_run(
 ):
     from hub_server import DEFAULT_TOKEN
 
-    from modeling_deit_distill.onnx_classifier import OnnxImageClassifier
+    from deit_distill.modeling_deit_distill.onnx_classifier import OnnxImageClassifier
 
     run, repo = make_run("deit-onnx"), "test-user/deit-onnx"
     rgb = np.random.default_rng(0).integers(0, 256, size=(40, 48, 3), dtype=np.uint8)

@@ -19,15 +19,15 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, ResNetConfig, ResNetForImageClassification
 
-from model_cards.run import code_files, read_run
-from modeling_deit_distill import (
+from deit_distill.model_cards.run import code_files, read_run
+from deit_distill.modeling_deit_distill import (
     DeiTDistillConfig,
     DeiTDistillForImageClassification,
     attach_pipeline,
     build_image_processor,
 )
-from training.data import decode_image
-from training.transforms import build_eval_transform, with_image_transform
+from deit_distill.training.data import decode_image
+from deit_distill.training.transforms import build_eval_transform, with_image_transform
 
 LABELS = ["cat", "dog", "bird", "fish", "frog"]
 ORIENTATION = 0x0112  # the EXIF tag
@@ -286,7 +286,7 @@ def _has_pipeline(directory: Path) -> bool:
 def test_the_trainer_attaches_the_pipeline_to_every_model_it_saves(parity, tmp_path):
     from transformers import TrainingArguments
 
-    from training.trainer import DistillationTrainer
+    from deit_distill.training.trainer import DistillationTrainer
 
     model = DeiTDistillForImageClassification.from_pretrained(parity.models["deit"])
     args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
@@ -297,7 +297,7 @@ def test_the_trainer_attaches_the_pipeline_to_every_model_it_saves(parity, tmp_p
 
 
 def test_convert_attaches_the_pipeline_to_ours_and_not_to_the_native_copy(parity, tmp_path):
-    from training.commands.convert import build_parser, run_convert
+    from deit_distill.training.commands.convert import build_parser, run_convert
 
     parser = build_parser()
     for target, attached in (("deit-distill", True), ("transformers", False)):

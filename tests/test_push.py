@@ -16,8 +16,8 @@ import torch
 from hub_server import DEFAULT_TOKEN
 from PIL import Image
 
-from model_cards.card import render_card_files
-from model_cards.push import push_run
+from deit_distill.model_cards.card import render_card_files
+from deit_distill.model_cards.push import push_run
 
 REPO = "test-user/deit-push-e2e"
 MODEL_FILES = {
@@ -34,7 +34,7 @@ CARD_FILES = {"README.md", "training_curves.png"}
 # Each push of PARAMS["pushes"] in turn, in one interpreter (importing torch once): the result or the error.
 PUSH = """
 import json
-from model_cards.push import push_run
+from deit_distill.model_cards.push import push_run
 outcomes = []
 for push in PARAMS["pushes"]:
     try:
@@ -54,7 +54,7 @@ from huggingface_hub import ModelCard
 from transformers import AutoImageProcessor, AutoModelForImageClassification, DeiTForImageClassificationWithTeacher
 
 try:
-    import modeling_deit_distill
+    import deit_distill.modeling_deit_distill
     project_importable = True
 except ImportError:
     project_importable = False
@@ -101,7 +101,7 @@ def reference_logits(run: Path, image_path: Path) -> torch.Tensor:
     """The run's model, loaded with this project's classes, on the image the user script reads."""
     from transformers import AutoImageProcessor
 
-    from modeling_deit_distill import DeiTDistillForImageClassification
+    from deit_distill.modeling_deit_distill import DeiTDistillForImageClassification
 
     model = DeiTDistillForImageClassification.from_pretrained(run).eval()
     pixels = AutoImageProcessor.from_pretrained(run)(
@@ -259,7 +259,7 @@ def test_cli_push_and_card_commands_reach_the_hub(make_run, hub_client, hub_serv
     run = make_run("cli-run")
     script = """
         import json, sys
-        from training.commands.cli import main
+        from deit_distill.training.commands.cli import main
         main(["card", PARAMS["run"]])
         main(["push", PARAMS["run"], "--repo-id", PARAMS["repo"], "--push-native", "native"])
         print(json.dumps("done"))

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from modeling_deit_distill import (
+from deit_distill.modeling_deit_distill import (
     DeiTDistillConfig,
     DeiTDistillForImageClassification,
     attach_pipeline,

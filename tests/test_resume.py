@@ -22,8 +22,8 @@ import torch
 from processes import kill_when_stalled
 from safetensors.torch import load_file
 
-from training.commands.train import main
-from training.trainer import DistillationTrainer, last_complete_checkpoint
+from deit_distill.training.commands.train import main
+from deit_distill.training.trainer import DistillationTrainer, last_complete_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 # 64 images in batches of 16: 4 steps per epoch, so the 6 steps cross an epoch boundary.
@@ -59,8 +59,8 @@ RUN = [
 KILLABLE_RUN = textwrap.dedent(
     """
     import sys, time
-    from training.trainer import DistillationTrainer
-    from training.commands.train import main
+    from deit_distill.training.trainer import DistillationTrainer
+    from deit_distill.training.commands.train import main
 
     marker, where, kill_at, argv = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
     save, step = DistillationTrainer._save_optimizer_and_scheduler, DistillationTrainer.training_step

@@ -27,16 +27,22 @@ from test_distributed import free_port, save_teacher
 from test_resume import logged_losses
 from torch.utils.data import DataLoader
 
-from training.collator import DistillationCollator
-from training.commands.cache_teacher import main as cache_teacher
-from training.commands.cli import main as cli
-from training.commands.train import main as train
-from training.errors import UserError
-from training.losses import DistillationLoss
-from training.sampler import ViewSampler
-from training.teacher_cache import DATA_DIR, METADATA_FILE, TeacherCache, expand_top_k, read_metadata
-from training.trainer import DistillationTrainer
-from training.views import VIEW_KEYS, SeededViews, ViewCollator, ViewKey
+from deit_distill.training.collator import DistillationCollator
+from deit_distill.training.commands.cache_teacher import main as cache_teacher
+from deit_distill.training.commands.cli import main as cli
+from deit_distill.training.commands.train import main as train
+from deit_distill.training.errors import UserError
+from deit_distill.training.losses import DistillationLoss
+from deit_distill.training.sampler import ViewSampler
+from deit_distill.training.teacher_cache import (
+    DATA_DIR,
+    METADATA_FILE,
+    TeacherCache,
+    expand_top_k,
+    read_metadata,
+)
+from deit_distill.training.trainer import DistillationTrainer
+from deit_distill.training.views import VIEW_KEYS, SeededViews, ViewCollator, ViewKey
 
 ROOT = Path(__file__).resolve().parent.parent
 MAX_STEPS, CACHED_EPOCHS = 6, 2
@@ -278,8 +284,8 @@ def test_an_incomplete_or_missing_cache_is_refused(full_cache, tmp_path):
 KILLABLE_CACHE = textwrap.dedent(
     """
     import sys, time
-    from training.trainer import DistillationTrainer
-    from training.commands.cache_teacher import main
+    from deit_distill.training.trainer import DistillationTrainer
+    from deit_distill.training.commands.cache_teacher import main
 
     marker, kill_at, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     teacher_logits, calls = DistillationTrainer.teacher_logits, []
@@ -339,8 +345,8 @@ def test_the_cache_is_parquet_that_datasets_reads(full_cache):
 PUSH_AND_READ = """
 import json, pathlib
 from huggingface_hub import DatasetCard, snapshot_download
-from training.commands.cli import main
-from training.teacher_cache import TeacherCache
+from deit_distill.training.commands.cli import main
+from deit_distill.training.teacher_cache import TeacherCache
 assert main(["push-cache", PARAMS["cache"], "--repo_id", PARAMS["repo"]]) == 0
 local = snapshot_download(PARAMS["repo"], repo_type="dataset")
 cache = TeacherCache(local)
@@ -382,7 +388,7 @@ def test_two_processes_under_accelerate_write_their_own_shards_with_the_one_proc
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(ROOT / "training" / "accelerate_configs" / "cpu_ddp.yaml"),
         "--main_process_port", str(free_port()),
-        "-m", "training.commands.cache_teacher",
+        "-m", "deit_distill.training.commands.cache_teacher",
         *run, "--per_device_train_batch_size", "8", "--teacher_cache", str(two), "--output_dir", str(tmp_path / "o2"),
     ]  # fmt: skip
     done = run_offline(command)

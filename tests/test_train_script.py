@@ -20,17 +20,17 @@ import pytest
 import torch
 from transformers import AutoImageProcessor, AutoModelForImageClassification, ResNetConfig
 
-from training.arguments import (
+from deit_distill.training.arguments import (
     AugmentationArguments,
     DataArguments,
     DistillationArguments,
     ModelArguments,
     RunArguments,
 )
-from training.commands.train import main, parse_args, recipe_to_argv, scaled_learning_rate
-from training.data import FASHION_MNIST_CLASSES, load_image_dataset, to_rgb
-from training.models import build_model
-from training.models import parse_config_overrides as _overrides
+from deit_distill.training.commands.train import main, parse_args, recipe_to_argv, scaled_learning_rate
+from deit_distill.training.data import FASHION_MNIST_CLASSES, load_image_dataset, to_rgb
+from deit_distill.training.models import build_model
+from deit_distill.training.models import parse_config_overrides as _overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted((ROOT / "training" / "recipes").glob("*.json"))

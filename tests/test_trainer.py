@@ -27,10 +27,14 @@ from transformers import (
 )
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
 
-from modeling_deit_distill import DeiTDistillConfig, DeiTDistillForImageClassification, build_image_processor
-from training.collator import DistillationCollator
-from training.losses import DistillationLoss
-from training.trainer import DistillationTrainer
+from deit_distill.modeling_deit_distill import (
+    DeiTDistillConfig,
+    DeiTDistillForImageClassification,
+    build_image_processor,
+)
+from deit_distill.training.collator import DistillationCollator
+from deit_distill.training.losses import DistillationLoss
+from deit_distill.training.trainer import DistillationTrainer
 
 LABELS = ["ant", "bee", "cat", "dog", "eel", "fox", "gnu", "hen", "owl", "yak"]
 SIZE = 16

@@ -31,10 +31,10 @@ from transformers import (
     DeiTImageProcessor,
 )
 
-from modeling_deit_distill import DeiTDistillForImageClassification, from_transformers_deit
-from training.checkpoints import load_starting_point
-from training.commands.cli import main as cli
-from training.run_record import RunRecord, read_eval_results
+from deit_distill.modeling_deit_distill import DeiTDistillForImageClassification, from_transformers_deit
+from deit_distill.training.checkpoints import load_starting_point
+from deit_distill.training.commands.cli import main as cli
+from deit_distill.training.run_record import RunRecord, read_eval_results
 
 CLASSES = ("blue", "green", "red")
 STEPS = [
@@ -244,7 +244,7 @@ def test_a_distilled_run_is_pushed_and_runs_in_the_pipeline_where_the_project_is
     # The push runs in a subprocess: huggingface_hub reads HF_ENDPOINT (the test Hub) when it is imported.
     push = """
         import json
-        from training.commands.cli import main
+        from deit_distill.training.commands.cli import main
         print(json.dumps(main(["push", PARAMS["run"], "--repo_id", "test-user/clothes-deit"])))
     """
     assert hub_client(push, {"run": str(workflow.timm_student)}, token=DEFAULT_TOKEN) == 0

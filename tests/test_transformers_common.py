@@ -88,7 +88,7 @@ with warnings.catch_warnings():
     from transformers_sdist_tests.test_configuration_common import ConfigTester
     from transformers_sdist_tests.test_modeling_common import ModelTesterMixin, floats_tensor, ids_tensor
 
-from modeling_deit_distill import (  # noqa: E402
+from deit_distill.modeling_deit_distill import (  # noqa: E402
     DeiTDistillConfig,
     DeiTDistillForImageClassification,
     DeiTDistillModel,

@@ -14,13 +14,13 @@ import torch.nn.functional as F
 from PIL import Image
 from test_data import needs_fashion_mnist
 
-from training.arguments import DataArguments
-from training.collator import DistillationCollator
-from training.commands.cli import main as cli
-from training.data import UNLABELED, count_unlabeled
-from training.losses import DistillationLoss
-from training.run_record import RUN_RECORD_FILE
-from training.views import ViewKey, mix_generator
+from deit_distill.training.arguments import DataArguments
+from deit_distill.training.collator import DistillationCollator
+from deit_distill.training.commands.cli import main as cli
+from deit_distill.training.data import UNLABELED, count_unlabeled
+from deit_distill.training.losses import DistillationLoss
+from deit_distill.training.run_record import RUN_RECORD_FILE
+from deit_distill.training.views import ViewKey, mix_generator
 
 TINY = [
     "--config_overrides", "patch_size=8,hidden_size=16,num_hidden_layers=1,num_attention_heads=2",
@@ -140,7 +140,7 @@ def test_unlabelled_images_contribute_only_the_distillation_term(kind):
 
 
 def test_an_unlabelled_image_leaves_the_cls_head_without_gradient():
-    from modeling_deit_distill import DeiTDistillConfig, DeiTDistillForImageClassification
+    from deit_distill.modeling_deit_distill import DeiTDistillConfig, DeiTDistillForImageClassification
 
     config = DeiTDistillConfig(
         image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, num_labels=3

@@ -18,10 +18,17 @@ from PIL import Image
 from torch.utils.data import BatchSampler, DataLoader
 from transformers import DeiTImageProcessor
 
-from training.collator import DistillationCollator
-from training.sampler import ViewSampler
-from training.transforms import build_train_transform, with_image_transform
-from training.views import SeededViews, ViewCollator, ViewKey, mix_generator, seeded_global_rngs, view_seed
+from deit_distill.training.collator import DistillationCollator
+from deit_distill.training.sampler import ViewSampler
+from deit_distill.training.transforms import build_train_transform, with_image_transform
+from deit_distill.training.views import (
+    SeededViews,
+    ViewCollator,
+    ViewKey,
+    mix_generator,
+    seeded_global_rngs,
+    view_seed,
+)
 
 NUM_CLASSES = 5
 ROOT = Path(__file__).resolve().parent.parent
@@ -238,7 +245,9 @@ def test_drawing_a_view_leaves_torchs_global_random_state_as_it_was(deit_views):
 
 def test_view_seeds_are_stable_across_processes_and_distinct_per_view():
     # The seed may not depend on Python's per-process hash salt: a fresh interpreter computes the same one.
-    code = "from training.views import ViewKey, view_seed; print(view_seed(ViewKey(4, 2, 0, 7, 1)))"
+    code = (
+        "from deit_distill.training.views import ViewKey, view_seed; print(view_seed(ViewKey(4, 2, 0, 7, 1)))"
+    )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert int(done.stdout) == view_seed(ViewKey(4, 2, 9, 7, 1))
     assert len({view_seed(ViewKey(0, e, 0, i)) for e in range(10) for i in range(100)}) == 1000
@@ -269,7 +278,7 @@ def test_any_number_of_workers_gives_the_same_batches(deit_views):
 
 @pytest.mark.slow
 def test_training_with_0_1_or_2_workers_logs_the_same_losses(tmp_path):
-    from training.commands.train import main
+    from deit_distill.training.commands.train import main
 
     run = [
         "--config_overrides", "patch_size=7,hidden_size=24,num_hidden_layers=1,num_attention_heads=2",

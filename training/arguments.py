@@ -313,7 +313,7 @@ class RunArguments:
 
 @dataclass
 class TeacherCacheArguments:
-    """The teacher cache (`training.teacher_cache`): written by `cache-teacher`, read by `train`."""
+    """The teacher cache (`deit_distill.training.teacher_cache`): written by `cache-teacher`, read by `train`."""
 
     teacher_cache: str | None = field(
         default=None,

@@ -3,7 +3,7 @@
 - DeiT/ViT checkpoints become this project's student: ours; transformers' `DeiTForImageClassificationWithTeacher`,
   `DeiTForImageClassification`, `ViTForImageClassification`; timm `deit_*`/`vit_*` as a `timm/...` id, a Hugging
   Face-layout folder (`config.json` with `architecture`, as `timm/...` repos are) or an official state-dict file.
-  They are converted on the fly (bit-exact, `modeling_deit_distill.convert_deit_distill`).
+  They are converted on the fly (bit-exact, `deit_distill.modeling_deit_distill.convert_deit_distill`).
 - Any other image classifier is fine-tuned as it is, e.g. a teacher: a transformers
   `AutoModelForImageClassification` (ResNet, ConvNeXt, RegNet, EfficientNet, Swin, ...) or a timm model (through
   transformers' `TimmWrapperForImageClassification`, so it saves and loads like any transformers model).
@@ -37,8 +37,8 @@ from transformers import (
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.image_utils import PILImageResampling
 
-from modeling_deit_distill import DeiTDistillConfig, DeiTDistillForImageClassification
-from modeling_deit_distill.convert_deit_distill import from_timm, from_transformers_deit
+from deit_distill.modeling_deit_distill import DeiTDistillConfig, DeiTDistillForImageClassification
+from deit_distill.modeling_deit_distill.convert_deit_distill import from_timm, from_transformers_deit
 
 from .errors import MissingPathError, UserError
 
@@ -185,7 +185,7 @@ def load_starting_point(
     with classification heads for `id2label` (new heads when the checkpoint's labels differ, as logged).
 
     `drop_path_rate` and `attn_implementation` apply to models fine-tuned as they are, when set; students get
-    theirs from `training.models`.
+    theirs from `deit_distill.training.models`.
 
     Raises:
         MissingPathError / UserError: the source does not exist, cannot be read, or (`require_student`) is not

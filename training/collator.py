@@ -24,7 +24,7 @@ class DistillationCollator:
 
     The mixing follows timm's `Mixup(mode="batch")`: one draw per batch of whether to mix, Mixup or CutMix,
     lambda ~ Beta(alpha, alpha) and one CutMix box (lambda corrected to the box's area). Two things differ, so
-    that a run does not depend on its layout over processes and workers (see `training.views`):
+    that a run does not depend on its layout over processes and workers (see `deit_distill.training.views`):
     - the draw comes from the examples' `ViewKey`s (seed, epoch, global batch), not from NumPy's global state;
     - examples are mixed with their neighbour (0 with 1, 2 with 3, ...) rather than with their mirror in the
       batch, so a per-process slice of a global batch is mixed exactly as in a single process. In an odd batch

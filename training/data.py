@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 # One conversion for training, eval and the shipped pipeline; re-exported here as part of the data API.
-from modeling_deit_distill.pipeline_deit_distill import to_rgb
+from deit_distill.modeling_deit_distill.pipeline_deit_distill import to_rgb
 
 FASHION_MNIST = "fashion_mnist"
 # Debian package `dataset-fashion-mnist`; the embedded default so the demo and tests run offline.

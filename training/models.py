@@ -13,7 +13,11 @@ from transformers import ResNetConfig, ResNetForImageClassification
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-from modeling_deit_distill import DeiTDistillConfig, DeiTDistillForImageClassification, build_image_processor
+from deit_distill.modeling_deit_distill import (
+    DeiTDistillConfig,
+    DeiTDistillForImageClassification,
+    build_image_processor,
+)
 
 from .arguments import ModelArguments
 from .checkpoints import StartingPoint, load_starting_point

@@ -2,7 +2,7 @@
 
 `export_onnx` writes `model.onnx` (input `pixel_values` with a dynamic batch, output `logits`, the model's
 inference head; optionally `cls_logits` and `distillation_logits` too) with the model's `config.json` and
-`preprocessor_config.json`, so that `modeling_deit_distill.onnx_classifier.OnnxImageClassifier` runs it as the
+`preprocessor_config.json`, so that `deit_distill.modeling_deit_distill.onnx_classifier.OnnxImageClassifier` runs it as the
 pipeline runs the PyTorch model. Any image classifier this project saves works (DeiT with or without the
 distillation token at any image size, a convnet teacher), since the export only calls the model's forward.
 
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers.image_processing_utils import BaseImageProcessor
 
-from modeling_deit_distill.onnx_classifier import INPUT_NAME, ONNX_FILE, create_session
+from deit_distill.modeling_deit_distill.onnx_classifier import INPUT_NAME, ONNX_FILE, create_session
 
 from .errors import UserError
 from .transforms import ImageExamples, output_size

@@ -9,7 +9,7 @@
 - `training`: the optimisation settings, and the epochs and steps actually trained;
 - `card`: Hub ids for the model card's metadata (`base_model`, `dataset_id`, `teacher_id`); never local paths;
 - `hardware`, `license`.
-The final metrics are in `eval_results.json` (keys `eval_` + `training.evaluation.metric_key(...)`).
+The final metrics are in `eval_results.json` (keys `eval_` + `deit_distill.training.evaluation.metric_key(...)`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The teacher cache: run the frozen teacher once over every training view, replay it in any number of runs.
 
-Every training view and every Mixup/CutMix batch is a pure function of its `ViewKey` (`training.views`), so the
+Every training view and every Mixup/CutMix batch is a pure function of its `ViewKey` (`deit_distill.training.views`), so the
 mixed image at global position `p` of epoch `e` is fixed by the run's arguments, and so is the teacher's output
 on it. `write_teacher_cache` walks the exact data loader a training run builds (same dataset, transform,
 sampler, collator and process layout) for `E` epochs and stores, per view, the teacher's top-K log-probabilities

@@ -1,6 +1,6 @@
 """Launcher for `python training/train.py ...` and `accelerate launch training/train.py ...`.
 
-The command itself is `training.commands.train` (also `deit-distill train`); this file only lets the classic
+The command itself is `deit_distill.training.commands.train` (also `deit-distill train`); this file only lets the classic
 Trainer-script invocation work from a checkout.
 """
 
@@ -9,6 +9,6 @@ from pathlib import Path
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from training.commands.train import main
+    from deit_distill.training.commands.train import main
 
     main()

@@ -20,7 +20,7 @@ from transformers import Trainer
 from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from modeling_deit_distill import attach_pipeline
+from deit_distill.modeling_deit_distill import attach_pipeline
 
 from .evaluation import build_compute_metrics
 from .losses import DistillationLoss
@@ -35,7 +35,7 @@ from .teacher import (
     teacher_logits_from_output,
 )
 from .teacher_cache import TeacherCache, run_epochs
-from .views import VIEW_KEYS, SeededViews, ViewCollator
+from .views import HOST_INPUTS, VIEW_KEYS, SeededViews, ViewCollator
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class DistillationTrainer(Trainer):
             loss is the labels' cross-entropy on both heads).
         layer_decay: Layer-wise lr decay for fine-tuning (e.g. 0.65): block `i` of `L` trains at
             `lr * layer_decay ** (L - i)`, the heads at `lr`; groups from the model's `group_matcher()` through
-            timm's `param_groups_layer_decay` (see `training.optim`). `None` trains every layer at `lr`.
+            timm's `param_groups_layer_decay` (see `deit_distill.training.optim`). `None` trains every layer at `lr`.
         All other arguments are those of `transformers.Trainer`; `processing_class` should be the student's
         image processor so it is saved with every checkpoint.
     """
@@ -224,6 +224,13 @@ class DistillationTrainer(Trainer):
         if self.teacher_label_index is not None:
             logits = logits.index_select(-1, self.teacher_label_index)
         return logits
+
+    def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        # The one place a batch crosses to the device: entries in `HOST_INPUTS` (view keys) stay on the host.
+        host = {name: inputs.pop(name) for name in HOST_INPUTS if name in inputs}
+        inputs = super()._prepare_inputs(inputs)
+        inputs.update(host)
+        return inputs
 
     def compute_loss(
         self,

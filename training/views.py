@@ -128,6 +128,10 @@ class SeededViews(Dataset):
 # The batch entry that carries the examples' keys, a `(B, len(ViewKey._fields))` int64 tensor, when asked for.
 VIEW_KEYS = "view_keys"
 
+# Batch entries that stay on the host: the trainer never moves them to the device (a key lookup there would cost
+# a device-to-host sync per step). Whoever consumes one pops it before the model sees the batch.
+HOST_INPUTS: tuple[str, ...] = (VIEW_KEYS,)
+
 
 class ViewCollator:
     """Takes each example's `"view"` key out and hands the keys to collators that mix (`accepts_views`).

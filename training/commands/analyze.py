@@ -3,7 +3,7 @@
 Prints, over the images of a dataset split, the cosine between the CLS and DIST token outputs at the embedding and
 after every block, the cosine between the two heads' weights, and the agreement of each head (CLS, DIST, their
 average) with the labels and the teacher, overall and per class, with the confusion between the heads
-(`training.analysis`). The split is chosen as `eval` chooses it: a run directory defaults to its own evaluation
+(`deit_distill.training.analysis`). The split is chosen as `eval` chooses it: a run directory defaults to its own evaluation
 split and teacher; the data flags of `train` override it. `--json` prints the numbers as JSON; otherwise a table,
 and a plot (`--plot PATH`, by default `analysis.png` in a run directory, or next to the model folder).
 """
@@ -25,14 +25,14 @@ from transformers import (
     TrainingArguments,
 )
 
-from training.analysis import analyze_model, format_analysis, plot_analysis
-from training.arguments import DataArguments, check_data_arguments
-from training.checkpoints import check_model_source
-from training.collator import DistillationCollator
-from training.errors import UserError
-from training.run_record import RunRecord
-from training.trainer import DistillationTrainer
-from training.transforms import build_eval_transform, with_image_transform
+from deit_distill.training.analysis import analyze_model, format_analysis, plot_analysis
+from deit_distill.training.arguments import DataArguments, check_data_arguments
+from deit_distill.training.checkpoints import check_model_source
+from deit_distill.training.collator import DistillationCollator
+from deit_distill.training.errors import UserError
+from deit_distill.training.run_record import RunRecord
+from deit_distill.training.trainer import DistillationTrainer
+from deit_distill.training.transforms import build_eval_transform, with_image_transform
 
 from .evaluate import _teacher, resolve_data
 
@@ -60,7 +60,7 @@ class AnalyzeArguments:
 def run_analysis(
     model_path: str, data_args: DataArguments, analyze_args: AnalyzeArguments, seed: int
 ) -> dict[str, Any]:
-    """The analysis of `training.analysis` over the split, with the teacher prepared as training prepares it."""
+    """The analysis of `deit_distill.training.analysis` over the split, with the teacher prepared as training prepares it."""
     model = AutoModelForImageClassification.from_pretrained(model_path, trust_remote_code=True)
     if not getattr(model.config, "use_distillation_token", False):
         raise UserError(

@@ -1,10 +1,10 @@
 """`deit-distill cache-teacher`: run the teacher once over every training view and store its outputs.
 
     deit-distill cache-teacher ARGS | recipe.json [ARGS] --teacher_cache DIR [--cache_epochs E] [--cache_top_k K]
-    accelerate launch --config_file CONFIG -m training.commands.cache_teacher recipe.json [ARGS] --teacher_cache DIR
+    accelerate launch --config_file CONFIG -m deit_distill.training.commands.cache_teacher recipe.json [ARGS] --teacher_cache DIR
 
 The arguments are `train`'s (a recipe included): the cache holds exactly the views a training run with them draws.
-Train from it with the same arguments plus `--teacher_cache DIR` (see `training.teacher_cache`). Rerun the same
+Train from it with the same arguments plus `--teacher_cache DIR` (see `deit_distill.training.teacher_cache`). Rerun the same
 command after a kill to finish the cache; every process writes its own shards.
 """
 
@@ -16,11 +16,15 @@ from typing import Any
 
 import transformers
 
-from training.arguments import check_cache_arguments, check_data_arguments, check_training_arguments
-from training.errors import UserError
-from training.models import build_model
-from training.teacher import load_teacher_image_processor
-from training.teacher_cache import describe_run, write_teacher_cache
+from deit_distill.training.arguments import (
+    check_cache_arguments,
+    check_data_arguments,
+    check_training_arguments,
+)
+from deit_distill.training.errors import UserError
+from deit_distill.training.models import build_model
+from deit_distill.training.teacher import load_teacher_image_processor
+from deit_distill.training.teacher_cache import describe_run, write_teacher_cache
 
 from .train import build_trainer, parse_args
 

@@ -22,10 +22,10 @@ import importlib
 import os
 import sys
 
-from training.data import CorruptImageError
-from training.errors import UserError
+from deit_distill.training.data import CorruptImageError
+from deit_distill.training.errors import UserError
 
-# Sub-command -> module in training.commands with a `main(argv)`; each parses its own flags (--help included).
+# Sub-command -> module in deit_distill.training.commands with a `main(argv)`; each parses its own flags (--help included).
 COMMANDS = {
     "train": "train",
     "eval": "evaluate",
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    module = importlib.import_module(f"training.commands.{COMMANDS[command]}")
+    module = importlib.import_module(f"deit_distill.training.commands.{COMMANDS[command]}")
     try:
         status = module.main([command, *rest]) if COMMANDS[command] == "hub" else module.main(rest)
     except _EXPECTED_ERRORS as error:

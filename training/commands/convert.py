@@ -13,7 +13,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, PreTrainedModel
 
-from modeling_deit_distill import (
+from deit_distill.modeling_deit_distill import (
     DeiTDistillForImageClassification,
     attach_pipeline,
     build_image_processor,
@@ -22,8 +22,8 @@ from modeling_deit_distill import (
     to_transformers_deit,
     to_transformers_vit,
 )
-from training.checkpoints import TRANSFORMERS_STUDENT_CLASSES, load_state_dict_file
-from training.errors import MissingPathError, UserError
+from deit_distill.training.checkpoints import TRANSFORMERS_STUDENT_CLASSES, load_state_dict_file
+from deit_distill.training.errors import MissingPathError, UserError
 
 from .flags import add_flag
 

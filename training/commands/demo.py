@@ -24,8 +24,8 @@ from pathlib import Path
 
 from transformers import HfArgumentParser, pipeline
 
-from training.commands.train import parse_args, run_training
-from training.data import load_image_dataset
+from deit_distill.training.commands.train import parse_args, run_training
+from deit_distill.training.data import load_image_dataset
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 TEACHER_RECIPE = RECIPES / "fashion_mnist_teacher_cpu.json"

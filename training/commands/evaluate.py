@@ -22,14 +22,14 @@ from transformers import (
     TrainingArguments,
 )
 
-from training.arguments import DataArguments, check_data_arguments, dataclass_from_dict
-from training.checkpoints import check_model_source
-from training.collator import DistillationCollator
-from training.errors import MissingPathError, UserError
-from training.losses import DistillationLoss
-from training.run_record import RunRecord
-from training.trainer import DistillationTrainer
-from training.transforms import build_eval_transform, with_image_transform
+from deit_distill.training.arguments import DataArguments, check_data_arguments, dataclass_from_dict
+from deit_distill.training.checkpoints import check_model_source
+from deit_distill.training.collator import DistillationCollator
+from deit_distill.training.errors import MissingPathError, UserError
+from deit_distill.training.losses import DistillationLoss
+from deit_distill.training.run_record import RunRecord
+from deit_distill.training.trainer import DistillationTrainer
+from deit_distill.training.transforms import build_eval_transform, with_image_transform
 
 USAGE = "deit-distill eval MODEL_OR_RUN [--dataset_name ...] [--teacher T|none] [--seed S] [--batch_size N]"
 

@@ -13,9 +13,9 @@ import argparse
 import os
 from pathlib import Path
 
-from training.checkpoints import check_model_source
-from training.errors import UserError
-from training.onnx_export import (
+from deit_distill.training.checkpoints import check_model_source
+from deit_distill.training.errors import UserError
+from deit_distill.training.onnx_export import (
     INT8_FILE,
     INT8_MODES,
     ONNX_FILE,
@@ -28,7 +28,7 @@ from training.onnx_export import (
     require_onnx,
     run_splits,
 )
-from training.run_record import RunRecord
+from deit_distill.training.run_record import RunRecord
 
 from .flags import add_flag
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from training.errors import UserError
+from deit_distill.training.errors import UserError
 
 from .flags import add_flag
 
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from model_cards import PushError, push_run, write_model_card
+    from deit_distill.model_cards import PushError, push_run, write_model_card
 
     if args.command == "card":
         print(write_model_card(args.run_dir, repo_id=args.repo_id))

@@ -17,9 +17,9 @@ from typing import Any
 
 from PIL import Image
 
-from modeling_deit_distill import DeiTDistillImageClassificationPipeline
-from training.checkpoints import check_model_source
-from training.errors import MissingPathError, UserError
+from deit_distill.modeling_deit_distill import DeiTDistillImageClassificationPipeline
+from deit_distill.training.checkpoints import check_model_source
+from deit_distill.training.errors import MissingPathError, UserError
 
 from .flags import add_flag
 
@@ -99,10 +99,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _onnx_classifier(folder: str, file_name: str) -> tuple[Any, Any]:
     """The pipeline-shaped ONNX Runtime runner of an export folder, and its config."""
-    from training.onnx_export import require_onnx
+    from deit_distill.training.onnx_export import require_onnx
 
     require_onnx(["onnxruntime"])
-    from modeling_deit_distill.onnx_classifier import OnnxImageClassifier
+    from deit_distill.modeling_deit_distill.onnx_classifier import OnnxImageClassifier
 
     if not os.path.isfile(os.path.join(folder, file_name)):
         raise MissingPathError(

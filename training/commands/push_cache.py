@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from training.teacher_cache import push_teacher_cache
+from deit_distill.training.teacher_cache import push_teacher_cache
 
 from .flags import add_flag
 

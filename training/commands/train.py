@@ -3,7 +3,7 @@
     deit-distill train ARGS | recipe.json [ARGS]
     accelerate launch --config_file CONFIG training/train.py recipe.json [ARGS]
 
-Arguments are the dataclasses of `training.arguments` plus `TrainingArguments`; flags after a recipe override it.
+Arguments are the dataclasses of `deit_distill.training.arguments` plus `TrainingArguments`; flags after a recipe override it.
 A run reads its data, builds its model, trains, evaluates, and writes the model with its image processor, the run
 record, the metrics and the model card to `--output_dir`.
 """
@@ -24,7 +24,7 @@ import torch
 import transformers
 from transformers import HfArgumentParser, TrainingArguments
 
-from training.arguments import (
+from deit_distill.training.arguments import (
     AugmentationArguments,
     DataArguments,
     DistillationArguments,
@@ -36,16 +36,16 @@ from training.arguments import (
     check_training_arguments,
     check_unlabeled_arguments,
 )
-from training.collator import DistillationCollator
-from training.data import count_unlabeled
-from training.errors import UserError
-from training.losses import DistillationLoss
-from training.models import BuiltModel, build_model
-from training.run_record import RUN_RECORD_FILE, RunRecord, hub_dataset_id, hub_model_id
-from training.teacher import load_teacher, load_teacher_image_processor
-from training.teacher_cache import TeacherCache, open_for_run
-from training.trainer import DistillationTrainer, last_complete_checkpoint
-from training.transforms import build_eval_transform, build_train_transform, with_image_transform
+from deit_distill.training.collator import DistillationCollator
+from deit_distill.training.data import count_unlabeled
+from deit_distill.training.errors import UserError
+from deit_distill.training.losses import DistillationLoss
+from deit_distill.training.models import BuiltModel, build_model
+from deit_distill.training.run_record import RUN_RECORD_FILE, RunRecord, hub_dataset_id, hub_model_id
+from deit_distill.training.teacher import load_teacher, load_teacher_image_processor
+from deit_distill.training.teacher_cache import TeacherCache, open_for_run
+from deit_distill.training.trainer import DistillationTrainer, last_complete_checkpoint
+from deit_distill.training.transforms import build_eval_transform, build_train_transform, with_image_transform
 
 logger = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ def run_training(
 
 
 def publish(training_args: TrainingArguments, push_to_hub: bool) -> None:
-    from model_cards import push_run, write_model_card
+    from deit_distill.model_cards import push_run, write_model_card
 
     write_model_card(training_args.output_dir)
     if push_to_hub:
