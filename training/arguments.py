@@ -286,6 +286,13 @@ class DistillationArguments:
         default=None,
         metadata={"help": "Layer-wise lr decay for fine-tuning, e.g. 0.65 (lr * decay**(L-i))."},
     )
+    allow_loss_change: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume a checkpoint saved with other loss settings (type, alpha, tau, kl_reduction, label "
+            "smoothing); otherwise such a resume is refused."
+        },
+    )
 
 
 @dataclass

@@ -109,6 +109,8 @@ class DistillationCollator:
         self, examples: list[dict[str, Any]], views: Sequence[ViewKey | None] | None = None
     ) -> dict[str, torch.Tensor]:
         pixel_values = torch.stack([example["pixel_values"] for example in examples])
+        if all("labels" not in example for example in examples):
+            return {"pixel_values": pixel_values}  # unlabelled data for prediction: nothing to mix or smooth
         labels = torch.as_tensor([example["labels"] for example in examples], dtype=torch.long)
         if not self.mixes:
             return {"pixel_values": pixel_values, "labels": labels}

@@ -22,6 +22,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from deit_distill.modeling_deit_distill import attach_pipeline
 
+from .errors import UserError
 from .evaluation import build_compute_metrics
 from .losses import DistillationLoss
 from .optim import layer_decay_param_groups, no_decay_parameter_names
@@ -39,8 +40,18 @@ from .views import HOST_INPUTS, VIEW_KEYS, SeededViews, ViewCollator
 
 logger = logging.getLogger(__name__)
 
+# The loss settings a checkpoint (and the final model) was trained with: checked when a run resumes.
+LOSS_SETTINGS_FILE = "distillation_loss.json"
 # Files without which a checkpoint cannot restore the exact training state.
 _CHECKPOINT_REQUIRED_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
+
+
+def loss_settings(loss: DistillationLoss) -> dict[str, Any]:
+    """The settings that define `loss`: what a checkpoint records and a resume compares."""
+    return {
+        name: getattr(loss, name)
+        for name in ("distillation_type", "alpha", "tau", "kl_reduction", "label_smoothing")
+    }
 
 
 def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
@@ -80,10 +91,6 @@ def _is_complete_checkpoint(folder: str) -> bool:
 
 
 class DistillationTrainer(Trainer):
-    # Whether training batches carry their view keys (`batch["view_keys"]`); on with a teacher cache, which is
-    # read by them, and for whoever writes one.
-    keep_view_keys = False
-
     """A `transformers.Trainer` that trains a student against a frozen teacher with [`DistillationLoss`].
 
     Args:
@@ -102,9 +109,18 @@ class DistillationTrainer(Trainer):
         layer_decay: Layer-wise lr decay for fine-tuning (e.g. 0.65): block `i` of `L` trains at
             `lr * layer_decay ** (L - i)`, the heads at `lr`; groups from the model's `group_matcher()` through
             timm's `param_groups_layer_decay` (see `deit_distill.training.optim`). `None` trains every layer at `lr`.
+        allow_loss_change: Resume from a checkpoint saved with other loss settings (type, alpha, tau,
+            kl_reduction, label smoothing; see `LOSS_SETTINGS_FILE`). Off by default: such a resume is refused.
         All other arguments are those of `transformers.Trainer`; `processing_class` should be the student's
         image processor so it is saved with every checkpoint.
+
+    `predict` also takes unlabelled data (examples without `labels`): it then returns the logits and no loss or
+    metrics.
     """
+
+    # Whether training batches carry their view keys (`batch["view_keys"]`); on with a teacher cache, which is
+    # read by them, and for whoever writes one.
+    keep_view_keys = False
 
     def __init__(
         self,
@@ -119,6 +135,7 @@ class DistillationTrainer(Trainer):
         repeated_augmentations: int = 1,
         layer_decay: float | None = None,
         compute_metrics: Callable | None = None,
+        allow_loss_change: bool = False,
         **kwargs: Any,
     ) -> None:
         if distillation_loss is None:
@@ -146,6 +163,7 @@ class DistillationTrainer(Trainer):
         )
         self.repeated_augmentations = repeated_augmentations
         self.layer_decay = layer_decay
+        self.allow_loss_change = allow_loss_change
         super().__init__(model=model, args=args, compute_metrics=compute_metrics, **kwargs)
         # Our loss is a per-batch mean: Trainer divides it by the accumulation steps itself, and needs no
         # token count (which would cost an all-gather per step under DDP).
@@ -262,11 +280,11 @@ class DistillationTrainer(Trainer):
         ignore_keys: list[str] | None = None,
     ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, ...] | None, torch.Tensor | None]:
         inputs = self._prepare_inputs(inputs)
-        labels = inputs.pop("labels")
+        labels = inputs.pop("labels", None)  # None: unlabelled data (predict), no loss to compute
         with torch.no_grad(), self.compute_loss_context_manager():
             outputs = model(**inputs)
             teacher_logits = self.teacher_logits(inputs["pixel_values"]) if self.teacher is not None else None
-            loss = self.eval_loss(outputs, labels, teacher_logits).loss.detach()
+            loss = None if labels is None else self.eval_loss(outputs, labels, teacher_logits).loss.detach()
         if prediction_loss_only:
             return loss, None, None
         cls_logits = getattr(outputs, "cls_logits", None)
@@ -363,7 +381,32 @@ class DistillationTrainer(Trainer):
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
                 logger.warning("No complete checkpoint in %s; starting from scratch.", self.args.output_dir)
+        if isinstance(resume_from_checkpoint, str):
+            self._check_loss_settings(resume_from_checkpoint)
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    def _check_loss_settings(self, checkpoint: str) -> None:
+        """Refuse to resume a checkpoint trained with other loss settings, unless `allow_loss_change`."""
+        path = os.path.join(checkpoint, LOSS_SETTINGS_FILE)
+        if not os.path.isfile(path):
+            return  # a checkpoint from before the settings were saved: nothing to compare
+        with open(path) as handle:
+            saved = json.load(handle)
+        current = loss_settings(self.distillation_loss)
+        changed = [
+            f"{key} {saved.get(key)!r} -> {value!r}"
+            for key, value in current.items()
+            if saved.get(key) != value
+        ]
+        if not changed:
+            return
+        if self.allow_loss_change:
+            logger.warning("Resuming %s with other loss settings: %s.", checkpoint, ", ".join(changed))
+            return
+        raise UserError(
+            f"--resume_from_checkpoint {checkpoint} was trained with other loss settings ({', '.join(changed)}); "
+            "pass the checkpoint's settings, or --allow_loss_change true to resume with the new ones."
+        )
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         super()._save(output_dir, state_dict=state_dict)
@@ -371,3 +414,7 @@ class DistillationTrainer(Trainer):
         # Every saved model (final or checkpoint) carries the pipeline that decodes images as training does.
         if self.args.should_save and os.path.isfile(os.path.join(output_dir, "config.json")):
             attach_pipeline(output_dir)
+        # The loss settings travel with every checkpoint, so a resume with other settings is noticed.
+        if self.args.should_save:
+            with open(os.path.join(output_dir, LOSS_SETTINGS_FILE), "w") as handle:
+                json.dump(loss_settings(self.distillation_loss), handle, indent=2)

@@ -183,6 +183,7 @@ def build_trainer(
         data_collator=DistillationCollator(num_classes=num_classes),
         repeated_augmentations=augmentation_args.repeated_augmentations,
         layer_decay=distill_args.layer_decay,
+        allow_loss_change=distill_args.allow_loss_change,
         train_dataset=with_image_transform(
             dataset["train"], build_train_transform(processor, augmentation_args.augmentation)
         ),
