@@ -139,3 +139,96 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     for key in ("eval_cls_top1", "eval_dist_top1", "eval_avg_top1", "eval_teacher_top1", "eval_agreement"):
         assert ddp_metrics[key] == pytest.approx(single_metrics[key], abs=1e-9), key
     assert ddp_metrics["eval_loss"] == pytest.approx(single_metrics["eval_loss"], rel=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The teacher under every shipped launcher: what can be checked without a GPU. The FSDP2 and DeepSpeed runs
+# themselves are sections of bench/gpu_check.py.
+
+
+def test_shipped_launcher_configs_load_with_accelerate_and_name_our_layer():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from deit_distill.modeling_deit_distill import modeling_deit_distill
+
+    configs = {path.stem: path for path in (ROOT / "training" / "accelerate_configs").glob("*.yaml")}
+    assert set(configs) == {"cpu_ddp", "multi_gpu", "multi_node", "fsdp", "deepspeed_zero2"}
+    loaded = {name: load_config_from_file(str(path)) for name, path in configs.items()}
+    assert {name: config.distributed_type.value for name, config in loaded.items()} == {
+        "cpu_ddp": "MULTI_GPU",
+        "multi_gpu": "MULTI_GPU",
+        "multi_node": "MULTI_GPU",
+        "fsdp": "FSDP",
+        "deepspeed_zero2": "DEEPSPEED",
+    }
+    fsdp = loaded["fsdp"].fsdp_config
+    assert fsdp["fsdp_version"] == 2
+    # FSDP's auto-wrap finds layers by class name: it must be a class of the shipped model.
+    assert hasattr(modeling_deit_distill, fsdp["fsdp_transformer_layer_cls_to_wrap"])
+    assert loaded["deepspeed_zero2"].deepspeed_config["zero_stage"] == 2
+
+
+class _FakeZero3Config:
+    """What transformers' `is_deepspeed_zero3_enabled()` reads while a ZeRO-3 run's TrainingArguments exist."""
+
+    config: dict = {"zero_optimization": {"stage": 3}}
+
+    def is_zero3(self) -> bool:
+        return True
+
+
+def test_teacher_loads_whole_while_a_zero3_or_fsdp_rank0_loading_config_is_active(tmp_path, monkeypatch):
+    import weakref
+
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    from deit_distill.training.teacher import load_teacher
+
+    save_teacher(tmp_path / "teacher")
+    zero3 = _FakeZero3Config()
+    monkeypatch.setattr(hf_deepspeed, "_hf_deepspeed_config_weak_ref", weakref.ref(zero3))
+    monkeypatch.setenv("FSDP_CPU_RAM_EFFICIENT_LOADING", "true")
+    assert hf_deepspeed.is_deepspeed_zero3_enabled()
+
+    # With ZeRO-3 on, from_pretrained would build the model under deepspeed.zero.Init (partitioned; here, with
+    # no deepspeed installed, an ImportError). The teacher is loaded whole, with the saved weights.
+    teacher = load_teacher(str(tmp_path / "teacher"))
+    saved = load_file(tmp_path / "teacher" / "model.safetensors")
+    for name, value in teacher.state_dict().items():
+        if name in saved:
+            torch.testing.assert_close(value, saved[name], rtol=0, atol=0)
+    assert all(p.numel() > 0 and not p.requires_grad for p in teacher.parameters())
+    # Both switches are restored for the student.
+    assert hf_deepspeed.is_deepspeed_zero3_enabled()
+    assert __import__("os").environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "true"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_teacher_is_placed_by_hand_and_runs_in_the_run_precision_without_accelerate_autocast(
+    tmp_path, precision
+):
+    from test_trainer import ImageTensors, make_student, make_teacher, training_args
+
+    from deit_distill.training.trainer import DistillationTrainer
+
+    teacher = make_teacher()
+    trainer = DistillationTrainer(
+        model=make_student(), args=training_args(tmp_path, bf16=precision == "bf16"), teacher=teacher
+    )
+    # DeepSpeed: accelerate applies no native autocast (it casts the engine's model itself). The teacher must not
+    # depend on it.
+    trainer.accelerator.native_amp = False
+    assert trainer.teacher is teacher and not any(m is teacher for m in trainer.accelerator._models)
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert next(teacher.parameters()).device == trainer.args.device
+
+    seen: list[torch.dtype] = []
+    teacher.resnet.embedder.register_forward_hook(lambda module, args, output: seen.append(output.dtype))
+    pixel_values = ImageTensors(4, seed=3).pixel_values
+    logits = trainer.teacher_logits(pixel_values)
+    expected_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert seen == [expected_dtype]
+    # Reference: the same teacher under a hand-written autocast (or none).
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        reference = teacher(pixel_values).logits
+    torch.testing.assert_close(logits, reference, rtol=0, atol=0)

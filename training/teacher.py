@@ -6,9 +6,11 @@ module reconciles each of those with the student before the first step, so a mis
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +34,8 @@ def load_teacher(teacher: str | nn.Module, **from_pretrained_kwargs) -> nn.Modul
                 f"--teacher {teacher}: no such folder; train or download the teacher first."
             )
         try:
-            teacher = AutoModelForImageClassification.from_pretrained(teacher, **from_pretrained_kwargs)
+            with whole_model_loading():
+                teacher = AutoModelForImageClassification.from_pretrained(teacher, **from_pretrained_kwargs)
         except OSError as error:
             if os.path.isdir(teacher):
                 raise
@@ -46,6 +49,64 @@ def load_teacher(teacher: str | nn.Module, **from_pretrained_kwargs) -> nn.Modul
     teacher.eval()
     teacher.requires_grad_(False)
     return teacher
+
+
+@contextlib.contextmanager
+def whole_model_loading() -> Iterator[None]:
+    """Load a model whole, in every process, whatever the launcher.
+
+    While a run's TrainingArguments exist, transformers' `from_pretrained` partitions a model over the processes
+    under DeepSpeed ZeRO-3 (`deepspeed.zero.Init`) and, under FSDP with `fsdp_cpu_ram_efficient_loading`, loads
+    real weights on local rank 0 only (the others wait for FSDP to broadcast them). A frozen teacher is never
+    given to DeepSpeed or FSDP, so it would stay partitioned or empty: both are switched off while it loads.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved_ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    saved_env = os.environ.get("FSDP_CPU_RAM_EFFICIENT_LOADING")
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved_ref
+        if saved_env is None:
+            os.environ.pop("FSDP_CPU_RAM_EFFICIENT_LOADING", None)
+        else:
+            os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = saved_env
+
+
+def run_precision(training_args) -> str:
+    """The precision a run computes in: "bf16", "fp16" or "fp32" (its teacher runs, and its cache records, it)."""
+    return "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32"
+
+
+_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def place_teacher(teacher: nn.Module, device: torch.device) -> nn.Module:
+    """The frozen teacher on `device`, as is: not given to accelerate's `prepare`.
+
+    `prepare_model(evaluation_mode=True)` does not place a model under FSDP (device placement is off there),
+    would hand it to DeepSpeed's engine under ZeRO, and registers it with the accelerator, whose `save_state`
+    would then write it into checkpoints. The teacher needs none of it: no gradients, no sharding, no saving.
+    """
+    teacher = teacher.to(device)
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def teacher_autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """The autocast the teacher runs under: the run's precision, explicitly.
+
+    accelerate applies its native autocast to the models it prepares, except under DeepSpeed (which casts the
+    student itself); the teacher is not prepared, so it gets its own, the same under every launcher.
+    """
+    dtype = _AUTOCAST_DTYPES.get(precision)
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def load_teacher_image_processor(teacher: str | nn.Module):

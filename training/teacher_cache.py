@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UserError
-from .teacher import InputSpec
+from .teacher import InputSpec, run_precision
 from .views import VIEW_KEYS, ViewKey
 
 logger = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def describe_run(
     The writer records them and a training run compares its own; `teacher=None` (a run from the cache without
     `--teacher`) leaves the teacher section out of the comparison.
     """
-    precision = "bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "fp32"
+    precision = run_precision(training_args)  # what the teacher runs in (`teacher_autocast`)
     teacher_section = None
     if teacher is not None:
         spec = InputSpec.from_image_processor(teacher_image_processor) if teacher_image_processor else None

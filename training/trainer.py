@@ -1,8 +1,9 @@
 """`DistillationTrainer`: the Hugging Face Trainer with a frozen teacher and the DeiT loss.
 
-The teacher is held by the trainer, not the model: it is placed on the device by accelerate without a DDP
-wrapper, runs under `no_grad` and the same autocast as the student, never reaches the optimizer and is never
-written into a checkpoint. It sees exactly the (augmented, mixed) batch the student sees.
+The teacher is held by the trainer, not the model: it is placed on the device by hand (not through accelerate,
+so no DDP wrapper, FSDP sharding or DeepSpeed engine under any launcher), runs under `no_grad` and an explicit
+autocast in the run's precision, never reaches the optimizer and is never written into a checkpoint. It sees
+exactly the (augmented, mixed) batch the student sees.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ from .teacher import (
     load_teacher,
     load_teacher_image_processor,
     match_label_spaces,
+    place_teacher,
+    run_precision,
+    teacher_autocast,
     teacher_logits_from_output,
 )
 from .teacher_cache import TeacherCache, run_epochs
@@ -201,8 +205,9 @@ class DistillationTrainer(Trainer):
         num_teacher_labels = self._probe_teacher_classes(teacher, teacher_spec or student_spec)
         index = match_label_spaces(self.model.config, getattr(teacher, "config", None), num_teacher_labels)
         self.teacher_label_index = None if index is None else index.to(self.args.device)
-        # evaluation_mode: placed on the device, never wrapped for DDP/FSDP gradient sync.
-        self.teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        # Placed by hand under every launcher (see `place_teacher`): never wrapped, sharded or saved.
+        self.teacher = place_teacher(teacher, self.args.device)
+        self.teacher_precision = run_precision(self.args)
 
     def _student_input_spec(self) -> InputSpec | None:
         if self.processing_class is None:
@@ -235,7 +240,7 @@ class DistillationTrainer(Trainer):
 
     def teacher_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Teacher logits for a student batch, in the student's class order."""
-        with torch.no_grad(), self.accelerator.autocast():
+        with torch.no_grad(), teacher_autocast(self.args.device, self.teacher_precision):
             if self.teacher_input_adapter is not None:
                 pixel_values = self.teacher_input_adapter(pixel_values)
             logits = teacher_logits_from_output(self.teacher(pixel_values))

@@ -55,7 +55,7 @@ def run_cache_teacher(
     built = build_model(model_args, id2label)
     trainer = build_trainer(built, dataset, augmentation_args, distill_args, training_args)
     run = describe_run(
-        teacher=trainer.accelerator.unwrap_model(trainer.teacher),
+        teacher=trainer.teacher,
         teacher_image_processor=load_teacher_image_processor(distill_args.teacher),
         student_image_processor=built.image_processor,
         labels=list(id2label.values()),
