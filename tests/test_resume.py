@@ -23,7 +23,12 @@ from processes import kill_when_stalled
 from safetensors.torch import load_file
 
 from deit_distill.training.commands.train import main
-from deit_distill.training.trainer import DistillationTrainer, last_complete_checkpoint
+from deit_distill.training.trainer import (
+    DistillationTrainer,
+    checkpoint_format,
+    last_complete_checkpoint,
+    rotate_checkpoints,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 # 64 images in batches of 16: 4 steps per epoch, so the 6 steps cross an epoch boundary.
@@ -227,3 +232,122 @@ def test_a_run_killed_mid_epoch_resumes_at_the_epoch_boundary_and_ends_like_an_u
     assert last_complete_checkpoint(killed) == str(killed / f"checkpoint-{KILL_AT}")
     main([*RUN, "--output_dir", str(killed), "--resume_from_checkpoint", "true"])
     assert_same_run(killed, uninterrupted_run)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Every layout Trainer writes under the shipped launchers. The names come from the writers' own code: FSDP's from
+# accelerate (`save_fsdp_model` / `save_fsdp_optimizer`, names from accelerate.utils.constants), sharded ones as
+# torch.distributed.checkpoint writes them (here for real, in one process), DeepSpeed's as its engine's
+# `save_checkpoint` names them (deepspeed is not installed here; bench/gpu_check.py's `resume` section writes all of
+# these for real on a GPU and resumes from them).
+
+
+def write_trainer_files(folder: Path, step: int, scheduler: bool = True) -> None:
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": step, "log_history": []}))
+    torch.save({}, folder / "training_args.bin")
+    torch.save({}, folder / "rng_state.pth")
+    if scheduler:
+        torch.save({"last_epoch": step}, folder / "scheduler.pt")
+
+
+def write_checkpoint(folder: Path, layout: str, step: int) -> None:
+    import torch.distributed.checkpoint as dcp
+    from accelerate.utils.constants import FSDP_MODEL_NAME, OPTIMIZER_NAME
+    from safetensors.torch import save_file
+
+    weights = {"w": torch.ones(2, 2)}
+    optimizer = {"state": {0: {"exp_avg": torch.zeros(2, 2)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}
+    write_trainer_files(folder, step, scheduler=layout != "deepspeed")
+    if layout == "plain":
+        save_file(weights, folder / "model.safetensors")
+        torch.save(optimizer, folder / "optimizer.pt")
+    elif layout == "fsdp-full":  # FULL_STATE_DICT: Trainer.save_model's safetensors, then accelerate's files
+        save_file(weights, folder / "model.safetensors")
+        torch.save(weights, folder / f"{FSDP_MODEL_NAME}.bin")
+        torch.save(optimizer, folder / f"{OPTIMIZER_NAME}.bin")
+    elif layout == "fsdp-sharded":  # SHARDED_STATE_DICT through DCP: no weights file at the top
+        dcp.save({"model": weights}, storage_writer=dcp.FileSystemWriter(folder / f"{FSDP_MODEL_NAME}_0"))
+        dcp.save(
+            {"optimizer": optimizer}, storage_writer=dcp.FileSystemWriter(folder / f"{OPTIMIZER_NAME}_0")
+        )
+    elif (
+        layout == "deepspeed"
+    ):  # engine.save_checkpoint(folder): tag folder, then `latest`; ZeRO-2 bf16 names
+        save_file(weights, folder / "model.safetensors")
+        state = folder / f"global_step{step}"
+        state.mkdir()
+        torch.save({"module": weights}, state / "mp_rank_00_model_states.pt")
+        for rank in range(2):
+            torch.save(optimizer, state / f"bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt")
+        (folder / "latest").write_text(f"global_step{step}")
+    else:
+        raise ValueError(layout)
+
+
+# How each layout looks when the save was cut short (trainer_state.json is written last, so a cut before it leaves
+# none; these are cuts in the parts that other processes or the engine write).
+DAMAGE = {
+    "plain": lambda folder: (folder / "optimizer.pt").unlink(),
+    "fsdp-full": lambda folder: (folder / "optimizer.bin").unlink(),
+    "fsdp-sharded": lambda folder: (folder / "optimizer_0" / ".metadata").unlink(),
+    "deepspeed": lambda folder: (folder / "latest").unlink(),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(DAMAGE))
+def test_each_checkpoint_layout_is_recognised_and_a_partial_one_skipped(tmp_path, layout):
+    write_checkpoint(tmp_path / "checkpoint-3", layout, 3)
+    write_checkpoint(tmp_path / "checkpoint-6", layout, 6)
+    assert checkpoint_format(tmp_path / "checkpoint-6") == layout
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-6")
+
+    DAMAGE[layout](tmp_path / "checkpoint-6")
+    assert checkpoint_format(tmp_path / "checkpoint-6") is None
+    assert last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-3")
+    # A truncated trainer state makes any layout incomplete.
+    state = tmp_path / "checkpoint-3" / "trainer_state.json"
+    state.write_text(state.read_text()[:-3])
+    assert last_complete_checkpoint(tmp_path) is None
+
+
+def test_deepspeed_checkpoint_whose_latest_names_a_missing_or_empty_step_is_incomplete(tmp_path):
+    folder = tmp_path / "checkpoint-4"
+    write_checkpoint(folder, "deepspeed", 4)
+    (folder / "latest").write_text("global_step5")
+    assert checkpoint_format(folder) is None
+    (folder / "latest").write_text("global_step4")
+    for path in (folder / "global_step4").glob("*optim_states.pt"):
+        path.unlink()
+    assert checkpoint_format(folder) is None
+
+
+def test_rotation_keeps_the_newest_complete_checkpoints_by_step_whatever_their_times(tmp_path):
+    import os
+
+    from transformers.trainer_utils import rotate_checkpoints as transformers_rotate
+
+    def layout() -> Path:
+        run = tmp_path / f"run{len(list(tmp_path.iterdir()))}"
+        for step in (2, 4, 8):
+            write_checkpoint(run / f"checkpoint-{step}", "fsdp-sharded", step)
+        (run / "checkpoint-1").mkdir()  # a partial folder older than the progress
+        (run / "checkpoint-10").mkdir()  # a save cut short after checkpoint-8
+        # checkpoint-2 was touched last (e.g. copied back): newest by time, oldest by step.
+        for step, stamp in ((1, 10), (2, 50), (4, 20), (8, 30), (10, 40)):
+            os.utime(run / f"checkpoint-{step}", (1_000_000 + stamp, 1_000_000 + stamp))
+        return run
+
+    # transformers' own rotation (by time, counting partial folders) deletes the real progress here.
+    reference = layout()
+    transformers_rotate(str(reference), save_total_limit=2, use_mtime=True)
+    assert not (reference / "checkpoint-8").exists()
+
+    run = layout()
+    rotate_checkpoints(run, 2)
+    assert sorted(path.name for path in run.iterdir()) == ["checkpoint-10", "checkpoint-4", "checkpoint-8"]
+    assert last_complete_checkpoint(run) == str(run / "checkpoint-8")
+    rotate_checkpoints(run, 1, keep=(str(run / "checkpoint-4"),))  # e.g. the best model
+    assert sorted(path.name for path in run.iterdir()) == ["checkpoint-10", "checkpoint-4", "checkpoint-8"]
+    rotate_checkpoints(run, 1)
+    assert sorted(path.name for path in run.iterdir()) == ["checkpoint-10", "checkpoint-8"]

@@ -12,13 +12,13 @@ import json
 import logging
 import os
 import re
+import shutil
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 from transformers import Trainer
-from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from deit_distill.modeling_deit_distill import attach_pipeline
@@ -46,8 +46,24 @@ logger = logging.getLogger(__name__)
 
 # The loss settings a checkpoint (and the final model) was trained with: checked when a run resumes.
 LOSS_SETTINGS_FILE = "distillation_loss.json"
-# Files without which a checkpoint cannot restore the exact training state.
-_CHECKPOINT_REQUIRED_FILES = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
+# What a checkpoint folder holds besides `trainer_state.json`, by who wrote it (transformers' Trainer and
+# accelerate's fsdp_utils, DeepSpeed's engine). A sharded torch.distributed.checkpoint folder is whole once its
+# `.metadata` is written (the coordinator writes it after every rank's data); a DeepSpeed checkpoint once
+# `latest` names its `global_stepN/` folder (written after the engine's barrier). Trainer writes
+# trainer_state.json last, after all of these.
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "pytorch_model_fsdp.bin",  # FSDP FULL_STATE_DICT
+)
+_DCP_MODEL_DIR = re.compile(r"^pytorch_model_fsdp_\d+$")  # FSDP SHARDED_STATE_DICT (DCP)
+_RANK_MODEL_FILE = re.compile(r"^pytorch_model_fsdp(_\d+)?_rank\d+\.bin$")  # FSDP sharded/local, no DCP
+_OPTIMIZER_FILES = ("optimizer.pt", "optimizer.bin")  # plain; FSDP FULL_STATE_DICT
+_DCP_OPTIMIZER_DIR = re.compile(r"^optimizer_\d+$")
+_RANK_OPTIMIZER_FILE = re.compile(r"^optimizer_\d+_rank\d+\.bin$")
+_SCHEDULER_FILE = "scheduler.pt"  # not written when DeepSpeed owns the scheduler
 
 
 def loss_settings(loss: DistillationLoss) -> dict[str, Any]:
@@ -62,36 +78,107 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
     """The newest `checkpoint-N` in `output_dir` that was written completely, or `None`.
 
     A run killed while writing a checkpoint leaves a partial folder; Trainer's own lookup would pick it and fail
-    (or resume from a truncated state). Skipping it resumes from the previous, intact checkpoint instead.
+    (or resume from a truncated state). Skipping it resumes from the previous, intact checkpoint instead. Every
+    layout Trainer writes counts: plain (`optimizer.pt`), FSDP full (`optimizer.bin`) and sharded
+    (`optimizer_0/`, `pytorch_model_fsdp_0/`) state dicts, DeepSpeed (`latest` + `global_stepN/`).
     """
-    if not os.path.isdir(output_dir):
-        return None
-    pattern = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
-    steps = sorted(
-        (int(match.group(1)), name) for name in os.listdir(output_dir) if (match := pattern.match(name))
-    )
-    for _, name in reversed(steps):
-        folder = os.path.join(output_dir, name)
-        if _is_complete_checkpoint(folder):
+    for _, folder in reversed(checkpoint_folders(output_dir)):
+        if is_complete_checkpoint(folder):
             return folder
         logger.warning("Skipping incomplete checkpoint %s (interrupted while it was being written).", folder)
     return None
 
 
-def _is_complete_checkpoint(folder: str) -> bool:
-    if not all(os.path.isfile(os.path.join(folder, name)) for name in _CHECKPOINT_REQUIRED_FILES):
-        return False
-    # training_args.bin is not a weights file, and every checkpoint has one.
-    if not any(
-        name.endswith((".safetensors", ".bin")) and name != TRAINING_ARGS_NAME for name in os.listdir(folder)
-    ):
-        return False
+def checkpoint_folders(output_dir: str | os.PathLike) -> list[tuple[int, str]]:
+    """`(step, folder)` of every `checkpoint-N` folder in `output_dir`, by step."""
+    if not os.path.isdir(output_dir):
+        return []
+    pattern = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+    return sorted(
+        (int(match.group(1)), os.path.join(output_dir, name))
+        for name in os.listdir(output_dir)
+        if (match := pattern.match(name)) and os.path.isdir(os.path.join(output_dir, name))
+    )
+
+
+def checkpoint_format(folder: str | os.PathLike) -> str | None:
+    """Which layout a complete checkpoint folder has ("plain", "fsdp-full", "fsdp-sharded", "deepspeed"), or
+    `None` when its training state is missing or partial."""
+    folder = str(folder)
+    names = set(os.listdir(folder))
+    if not _valid_json(os.path.join(folder, "trainer_state.json")):
+        return None
+    if "latest" in names:
+        return "deepspeed" if _complete_deepspeed(folder) else None
+    weights = bool(names & set(_WEIGHT_FILES)) or any(
+        _RANK_MODEL_FILE.match(name) or (_DCP_MODEL_DIR.match(name) and _complete_dcp(folder, name))
+        for name in names
+    )
+    if not weights or _SCHEDULER_FILE not in names:
+        return None
+    if "optimizer.pt" in names:
+        return "plain"
+    if "optimizer.bin" in names:
+        return "fsdp-full"
+    dcp = [name for name in names if _DCP_OPTIMIZER_DIR.match(name)]
+    if dcp:
+        return "fsdp-sharded" if all(_complete_dcp(folder, name) for name in dcp) else None
+    if any(_RANK_OPTIMIZER_FILE.match(name) for name in names):
+        return "fsdp-sharded"
+    return None
+
+
+def is_complete_checkpoint(folder: str | os.PathLike) -> bool:
+    return checkpoint_format(folder) is not None
+
+
+def _valid_json(path: str) -> bool:
     try:
-        with open(os.path.join(folder, "trainer_state.json")) as handle:
+        with open(path) as handle:
             json.load(handle)
     except (OSError, json.JSONDecodeError):
         return False
     return True
+
+
+def _complete_dcp(folder: str, name: str) -> bool:
+    return os.path.isfile(os.path.join(folder, name, ".metadata"))
+
+
+def _complete_deepspeed(folder: str) -> bool:
+    try:
+        with open(os.path.join(folder, "latest")) as handle:
+            tag = handle.read().strip()
+    except OSError:
+        return False
+    state = os.path.join(folder, tag)
+    if not tag or not os.path.isdir(state):
+        return False
+    files = os.listdir(state)
+    return any(name.endswith("model_states.pt") for name in files) and any(
+        name.endswith("optim_states.pt") for name in files
+    )
+
+
+def rotate_checkpoints(output_dir: str | os.PathLike, limit: int | None, keep: tuple[str | None, ...] = ()) -> None:
+    """Keep the `limit` newest complete checkpoints (by step) and those in `keep`; delete older ones.
+
+    Partial folders older than the newest complete checkpoint are leftovers of a killed save and go too; newer
+    partial ones are left (training overwrites each when it reaches its step). The newest complete checkpoint is
+    never deleted, whatever `limit` says.
+    """
+    if not limit or limit <= 0:
+        return
+    folders = checkpoint_folders(output_dir)
+    complete = [folder for _, folder in folders if is_complete_checkpoint(folder)]
+    if not complete:
+        return
+    newest_step = dict((folder, step) for step, folder in folders)[complete[-1]]
+    kept = set(complete[-max(limit, 1) :]) | {os.path.normpath(path) for path in keep if path}
+    for step, folder in folders:
+        if step <= newest_step and folder not in kept and os.path.normpath(folder) not in kept:
+            logger.info("Deleting checkpoint %s (save_total_limit=%d).", folder, limit)
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 class DistillationTrainer(Trainer):
@@ -380,6 +467,20 @@ class DistillationTrainer(Trainer):
         # The view key rides along with each example to the collator, which takes it out.
         if "view" not in self._signature_columns:
             self._signature_columns = [*self._signature_columns, "view"]
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        # Trainer rotates by modification time and counts partial folders; ours keeps the newest complete
+        # checkpoints by step (see `rotate_checkpoints`), so a rotation never removes the run's real progress.
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        if self.args.should_save:
+            rotate_checkpoints(
+                self._get_output_dir(trial=trial), limit, keep=(self.state.best_model_checkpoint,)
+            )
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
         if resume_from_checkpoint is True:
