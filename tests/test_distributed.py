@@ -232,3 +232,36 @@ def test_teacher_is_placed_by_hand_and_runs_in_the_run_precision_without_acceler
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         reference = teacher(pixel_values).logits
     torch.testing.assert_close(logits, reference, rtol=0, atol=0)
+
+
+def test_an_uneven_epoch_under_several_processes_is_refused_before_the_first_step_with_a_cache(tmp_path):
+    from test_trainer import ImageTensors, make_student, training_args
+
+    from deit_distill.training.errors import UserError
+    from deit_distill.training.losses import DistillationLoss
+    from deit_distill.training.trainer import DistillationTrainer
+    from deit_distill.training.views import SeededViews
+
+    class TwoProcessArgs(type(training_args(tmp_path))):
+        world_size = 2  # the layout of `accelerate launch --num_processes 2`
+
+    class CacheWriter(DistillationTrainer):
+        keep_view_keys = True  # as a cache reader or `cache-teacher`
+
+    def trainer(examples: int, **overrides) -> DistillationTrainer:
+        args = training_args(tmp_path, per_device_train_batch_size=4, **overrides)
+        args.__class__ = TwoProcessArgs
+        return CacheWriter(
+            model=make_student(),
+            args=args,
+            distillation_loss=DistillationLoss("none"),
+            train_dataset=ImageTensors(examples, seed=0),
+        )
+
+    # 20 views in global batches of 4 x 2 = 8: the last batch would be padded. Refused when the loader is built,
+    # with the numbers and the flag.
+    with pytest.raises(UserError, match=r"20 views .* global batches of 8 .*--dataloader_drop_last true"):
+        trainer(20).get_train_dataloader()
+    # Whole global batches, or drop_last: accepted.
+    trainer(24)._check_view_layout(SeededViews(ImageTensors(24, seed=0)))
+    trainer(20, dataloader_drop_last=True)._check_view_layout(SeededViews(ImageTensors(20, seed=0)))

@@ -23,6 +23,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from deit_distill.modeling_deit_distill import attach_pipeline
 
+from .device_augment import augment_batch
 from .errors import UserError
 from .evaluation import build_compute_metrics
 from .losses import DistillationLoss
@@ -40,7 +41,7 @@ from .teacher import (
     teacher_logits_from_output,
 )
 from .teacher_cache import TeacherCache, run_epochs
-from .views import HOST_INPUTS, VIEW_KEYS, SeededViews, ViewCollator
+from .views import AUGMENT_PARAMS, HOST_INPUTS, VIEW_KEYS, SeededViews, ViewCollator
 
 logger = logging.getLogger(__name__)
 
@@ -339,6 +340,10 @@ class DistillationTrainer(Trainer):
         # The one place a batch crosses to the device: entries in `HOST_INPUTS` (view keys) stay on the host.
         host = {name: inputs.pop(name) for name in HOST_INPUTS if name in inputs}
         inputs = super()._prepare_inputs(inputs)
+        augment_params = host.pop(AUGMENT_PARAMS, None)
+        if augment_params is not None:
+            # --augment_on device: uint8 crossed; the whole train transform and the mix run here, on the device.
+            inputs["pixel_values"] = augment_batch(inputs["pixel_values"], augment_params)
         inputs.update(host)
         return inputs
 
@@ -430,6 +435,7 @@ class DistillationTrainer(Trainer):
         if self._draws_views(dataset):
             self.train_dataset = SeededViews(dataset)
             train_collator = ViewCollator(train_collator, keep_keys=self.keep_view_keys)
+            self._check_view_layout(self.train_dataset)
         self.data_collator = train_collator
         try:
             loader = super().get_train_dataloader()
@@ -438,6 +444,26 @@ class DistillationTrainer(Trainer):
         if self.teacher_cache is not None:
             self.teacher_cache.check_epochs(run_epochs(self.args, len(loader)))
         return loader
+
+    def _check_view_layout(self, views: SeededViews) -> None:
+        """Before the first step: a teacher cache (read or written) needs every batch within one global batch.
+
+        With several processes and an epoch that does not split into whole global batches, accelerate pads each
+        process's last batch with views from the start of the epoch; a cache stores each view once, where it was
+        drawn, so the padded batch has no entry (found only at the end of the first epoch, or after a whole
+        precompute pass).
+        """
+        if not self.keep_view_keys or self.args.world_size == 1 or self.args.dataloader_drop_last:
+            return
+        per_step = self._train_batch_size * self.args.world_size
+        epoch = len(self._get_train_sampler(views))
+        if epoch % per_step:
+            raise UserError(
+                f"teacher cache: an epoch of {epoch} views does not split into global batches of {per_step} "
+                f"({self._train_batch_size} per process x {self.args.world_size} processes), and accelerate would "
+                "pad the last one with views a cache does not hold. Pass --dataloader_drop_last true to "
+                "cache-teacher and train alike, or a batch size that divides the epoch."
+            )
 
     @staticmethod
     def _draws_views(dataset: Any) -> bool:

@@ -26,7 +26,7 @@ from deit_distill.training.models import build_model
 from deit_distill.training.teacher import load_teacher_image_processor
 from deit_distill.training.teacher_cache import describe_run, write_teacher_cache
 
-from .train import build_trainer, parse_args
+from .train import build_trainer, load_data_once, parse_args
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def run_cache_teacher(
     transformers.set_seed(training_args.seed)
     training_args.remove_unused_columns = False  # the image column is consumed by our transform
 
-    dataset = data_args.load(seed=training_args.seed)
+    dataset = load_data_once(data_args, training_args)
     id2label = dict(enumerate(dataset["train"].features["label"].names))
     # The student decides the views (its image processor) and the trainer the batches: built as `train` does.
     built = build_model(model_args, id2label)

@@ -22,7 +22,8 @@ from typing import Any
 import datasets
 import torch
 import transformers
-from transformers import HfArgumentParser, TrainingArguments
+from accelerate import PartialState
+from transformers import TrainingArguments
 
 from deit_distill.training.arguments import (
     AugmentationArguments,
@@ -36,16 +37,26 @@ from deit_distill.training.arguments import (
     check_training_arguments,
     check_unlabeled_arguments,
 )
+from deit_distill.training.checkpoints import read_json_file
 from deit_distill.training.collator import DistillationCollator
 from deit_distill.training.data import count_unlabeled
-from deit_distill.training.errors import UserError
+from deit_distill.training.errors import Interrupted, UserError
+from deit_distill.training.evaluation import HEADS, metric_key
+from deit_distill.training.folder_lock import LOCK_FILE, hold_folder
 from deit_distill.training.losses import DistillationLoss
 from deit_distill.training.models import BuiltModel, build_model
 from deit_distill.training.run_record import RUN_RECORD_FILE, RunRecord, hub_dataset_id, hub_model_id
 from deit_distill.training.teacher import load_teacher, load_teacher_image_processor
 from deit_distill.training.teacher_cache import TeacherCache, open_for_run
 from deit_distill.training.trainer import DistillationTrainer, last_complete_checkpoint
-from deit_distill.training.transforms import build_eval_transform, build_train_transform, with_image_transform
+from deit_distill.training.transforms import (
+    build_eval_transform,
+    build_train_views,
+    device_augment_spec_of,
+    with_image_transform,
+)
+
+from .flags import DataclassParser, option_names, unknown_flag_message
 
 logger = logging.getLogger(__name__)
 
@@ -71,28 +82,144 @@ ARGUMENT_CLASSES = (
 _FINISHED_RUN_FILES = (RUN_RECORD_FILE, "config.json", "model.safetensors")
 
 
-def parse_args(argv: list[str] | None = None) -> ArgumentGroups:
-    """Parse `ARGS` or `recipe.json [ARGS]`; arguments after a recipe override its values."""
+def parse_args(argv: list[str] | None = None, command: str = "train") -> ArgumentGroups:
+    """Parse `ARGS` or `recipe.json [ARGS]`; arguments after a recipe override its values.
+
+    `--help` prints the project's flags by group and the most used Trainer flags, `--help_all` every flag; a
+    misspelt flag, or a Trainer flag the project replaces or ignores, is one `UserError` line.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = DataclassParser(ARGUMENT_CLASSES)
+    if any(token in ("--help_all", "--help-all") for token in argv):
+        parser.print_help()
+        raise SystemExit(0)
+    if any(token in ("-h", "--help") for token in argv):
+        print(short_help(command))
+        raise SystemExit(0)
+    known = option_names(parser)
     if argv and argv[0].endswith(".json"):
-        argv = recipe_to_argv(argv[0]) + argv[1:]
-    parser = HfArgumentParser(ARGUMENT_CLASSES)
-    return parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+        recipe = recipe_to_argv(argv[0], known)
+        refuse_replaced_flags(recipe, f" (in the recipe {argv[0]})")
+        argv = recipe + argv[1:]
+    refuse_replaced_flags(argv)
+    return parser.parse_flags(argv)
 
 
-def recipe_to_argv(path: str | os.PathLike) -> list[str]:
-    """A JSON recipe as command-line flags; keys starting with `_` are comments."""
+# Trainer flags that this project replaces, or that do nothing in it: refused, with what to use instead.
+_TEXT_ONLY = "a text-model setting that does nothing for images"
+_ONE_PUSH = "the finished run is pushed once, with its card (--push_to_hub true); push a run later with `deit-distill push`"
+REPLACED_TRAINER_FLAGS = {
+    "label_smoothing_factor": "use --label_smoothing (it also smooths the Mixup/CutMix targets)",
+    "remove_unused_columns": "the image column is always consumed by the project's transforms",
+    "label_names": "the labels come from --label_column",
+    "do_train": "`train` always trains and then evaluates; evaluate a saved run with `deit-distill eval RUN_DIR`",
+    "do_eval": "`train` always evaluates at the end (and as --eval_strategy says); see `deit-distill eval RUN_DIR`",
+    "do_predict": "classify images with `deit-distill predict MODEL IMAGES`",
+    "prediction_loss_only": "the evaluation needs every head's predictions for its accuracies",
+    "hub_strategy": _ONE_PUSH,
+    "hub_always_push": _ONE_PUSH,
+    "train_sampling_strategy": "the project's sampler draws the training views (see --repeated_augmentations)",
+    "length_column_name": _TEXT_ONLY,
+    "average_tokens_across_devices": _TEXT_ONLY,
+    "include_num_input_tokens_seen": _TEXT_ONLY,
+    "neftune_noise_alpha": _TEXT_ONLY,
+    "use_cache": _TEXT_ONLY,
+    "debug": "`--debug` shows the traceback of an error here; the Trainer's TPU/underflow debugging is not offered",
+}
+# The Trainer flags `--help` shows, with what they do here; `--help_all` shows every one.
+COMMON_TRAINER_FLAGS = {
+    "output_dir": "Folder of the run: model, processor, run record, metrics, card, checkpoints.",
+    "num_train_epochs": "Epochs to train.",
+    "max_steps": "Optimizer steps to train; overrides --num_train_epochs when > 0.",
+    "per_device_train_batch_size": "Training images per process and step (Mixup/CutMix need 2 or more).",
+    "per_device_eval_batch_size": "Evaluation images per process and step.",
+    "gradient_accumulation_steps": "Steps whose gradients add up to one optimizer step.",
+    "learning_rate": "Peak learning rate (see --scale_lr).",
+    "weight_decay": "AdamW weight decay.",
+    "warmup_steps": "Linear warm-up steps (a float < 1: a share of the run).",
+    "lr_scheduler_type": "linear, cosine, constant, ...",
+    "optim": "Optimizer: adamw_torch_fused, adamw_torch, sgd, ...",
+    "max_grad_norm": "Gradient clipping norm.",
+    "seed": "Seed of the model, the views and the held-out split.",
+    "bf16": "bfloat16 mixed precision.",
+    "fp16": "float16 mixed precision.",
+    "eval_strategy": "Evaluate during training: no, steps or epoch (the final evaluation always runs).",
+    "eval_steps": "Steps between evaluations with --eval_strategy steps.",
+    "save_strategy": "Checkpoints: no, steps or epoch.",
+    "save_steps": "Steps between checkpoints with --save_strategy steps.",
+    "save_total_limit": "Checkpoints to keep.",
+    "logging_steps": "Steps between log lines.",
+    "report_to": "none, tensorboard, wandb, ...",
+    "resume_from_checkpoint": "A checkpoint folder, or true for the newest complete one in --output_dir.",
+    "use_cpu": "Train on the CPU even when a GPU is there.",
+    "dataloader_num_workers": "Processes that decode and augment images.",
+    "torch_compile": "Compile the model with torch.compile.",
+    "push_to_hub": "Push the finished run (model, processor, card) to the Hub.",
+    "hub_model_id": "Repo id of --push_to_hub (default: the --output_dir folder name).",
+}
+_HELP_GROUPS = (
+    ("Model", ModelArguments),
+    ("Data", DataArguments),
+    ("Augmentation", AugmentationArguments),
+    ("Distillation", DistillationArguments),
+    ("Teacher cache", TeacherCacheArguments),
+    ("Run", RunArguments),
+)
+
+
+def refuse_replaced_flags(argv: list[str], where: str = "") -> None:
+    """A Trainer flag the project replaces or ignores is an error naming what to use, never silently dropped."""
+    for token in argv:
+        if not token.startswith("--"):
+            continue
+        name = token[2:].split("=")[0].replace("-", "_")
+        name = name[3:] if name.startswith("no_") and name[3:] in REPLACED_TRAINER_FLAGS else name
+        if name in REPLACED_TRAINER_FLAGS:
+            raise UserError(f"--{name}{where} is not used by deit-distill: {REPLACED_TRAINER_FLAGS[name]}.")
+
+
+def short_help(command: str = "train") -> str:
+    """The project's flags by group, each with its help, then the most used Trainer flags."""
+    import textwrap
+    from dataclasses import MISSING, fields
+
+    def entry(name: str, help_text: str, default: Any) -> str:
+        shown = "" if default in (None, MISSING) or help_text.rstrip().endswith(")") else f" (default: {default})"
+        return textwrap.fill(
+            f"{help_text}{shown}",
+            width=110,
+            initial_indent=f"  --{name:<28} ",
+            subsequent_indent=" " * 33,
+        )
+
+    lines = [
+        f"usage: deit-distill {command} [recipe.json] [--flag VALUE ...]   (flags after a recipe override it)",
+        "Every flag is also accepted as --foo-bar. `--help_all` lists every flag, the Trainer's included.",
+    ]
+    for title, cls in _HELP_GROUPS:
+        lines.append(f"\n{title}:")
+        for spec in fields(cls):
+            lines.append(entry(spec.name, spec.metadata.get("help", ""), spec.default))
+    lines.append("\nTraining (transformers' TrainingArguments, the most used; --help_all for all of them):")
+    defaults = {spec.name: spec.default for spec in fields(TrainingArguments)}
+    for name, help_text in COMMON_TRAINER_FLAGS.items():
+        default = getattr(defaults[name], "value", defaults[name])
+        lines.append(entry(name, help_text, None if name == "output_dir" else default))
+    return "\n".join(lines)
+
+
+def recipe_to_argv(path: str | os.PathLike, known: list[str] | None = None) -> list[str]:
+    """A JSON recipe as command-line flags; keys starting with `_` are comments. With `known` (the parser's
+    flags), an unknown key is an error naming the recipe and the nearest flag."""
     if not os.path.isfile(path):
         raise UserError(f"recipe {path}: no such file.")
-    try:
-        with open(path) as handle:
-            recipe = json.load(handle)
-    except json.JSONDecodeError as error:
-        raise UserError(f"recipe {path} is not valid JSON: {error}.") from None
+    recipe = read_json_file(path, "recipe")
     argv: list[str] = []
     for key, value in recipe.items():
         if key.startswith("_"):
             continue
+        if known is not None and f"--{key.replace('-', '_')}" not in known:
+            raise UserError(unknown_flag_message(key, known, f" in the recipe {path}"))
         if isinstance(value, dict):  # e.g. lr_scheduler_kwargs, parsed by TrainingArguments as JSON
             argv += [f"--{key}", json.dumps(value)]
         else:
@@ -115,20 +242,32 @@ def global_batch_size(training_args: TrainingArguments) -> int:
 
 
 def prepare_output_dir(training_args: TrainingArguments, run_args: RunArguments) -> None:
-    """Refuse to replace a finished run or start over on an unfinished one unless asked; clear it when asked."""
+    """Refuse to replace a finished run or start over on an unfinished one unless asked; clear it when asked.
+
+    Every process calls it: each reads the folder (all refuse alike), process 0 alone removes it, and none
+    goes on before the removal is done (the Trainer creates files in the folder from its constructor on).
+    """
+    remove = _check_output_dir(training_args, run_args)
+    if remove and training_args.process_index == 0:
+        logger.warning("--overwrite_output_dir: removing the previous run in %s.", training_args.output_dir)
+        for path in Path(training_args.output_dir).iterdir():  # all but this run's own lock
+            if path.name != LOCK_FILE:
+                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    PartialState().wait_for_everyone()
+
+
+def _check_output_dir(training_args: TrainingArguments, run_args: RunArguments) -> bool:
+    """Whether `--output_dir` is to be removed; raises when it holds a run that must not be replaced."""
     output_dir = Path(training_args.output_dir)
-    if not output_dir.is_dir() or not any(output_dir.iterdir()):
-        return
+    if not output_dir.is_dir() or not any(path.name != LOCK_FILE for path in output_dir.iterdir()):
+        return False
     resuming = training_args.resume_from_checkpoint not in (None, "", "false", "False")
     finished = [name for name in _FINISHED_RUN_FILES if (output_dir / name).exists()]
     checkpoints = sorted(path.name for path in output_dir.glob("checkpoint-*"))
     if run_args.overwrite_output_dir:
-        if training_args.process_index == 0:
-            logger.warning("--overwrite_output_dir: removing the previous run in %s.", output_dir)
-            shutil.rmtree(output_dir)
-        return
+        return True
     if resuming:
-        return
+        return False
     if finished:
         raise UserError(
             f"--output_dir {output_dir} holds a finished run ({', '.join(finished)}). Choose another --output_dir, "
@@ -139,6 +278,14 @@ def prepare_output_dir(training_args: TrainingArguments, run_args: RunArguments)
             f"--output_dir {output_dir} holds checkpoints of an unfinished run ({', '.join(checkpoints)}). Resume "
             "it with --resume_from_checkpoint true, or start over with --overwrite_output_dir true."
         )
+    return False
+
+
+def load_data_once(data_args: DataArguments, training_args: TrainingArguments) -> datasets.DatasetDict:
+    """The run's data, prepared by the main process first: it downloads, converts and caches (an imagefolder's
+    Arrow files, the split's indices), the others then load that cache instead of all doing the work at once."""
+    with training_args.main_process_first(desc="preparing the dataset"):
+        return data_args.load(seed=training_args.seed)
 
 
 def build_trainer(
@@ -159,6 +306,9 @@ def build_trainer(
         teacher = load_teacher(distill_args.teacher)
     elif distill_args.teacher and not distilled:
         logger.info("--distillation_type none: the teacher %s is not used.", distill_args.teacher)
+    device_spec = None
+    if augmentation_args.augment_on == "device" and augmentation_args.augmentation != "none":
+        device_spec = device_augment_spec_of(processor, augmentation_args.augmentation)
     return DistillationTrainer(
         model=built.model,
         args=training_args,
@@ -179,13 +329,15 @@ def build_trainer(
             prob=augmentation_args.mixup_prob,
             switch_prob=augmentation_args.mixup_switch_prob,
             label_smoothing=augmentation_args.label_smoothing,
+            device_augment=device_spec,
         ),
         data_collator=DistillationCollator(num_classes=num_classes),
         repeated_augmentations=augmentation_args.repeated_augmentations,
         layer_decay=distill_args.layer_decay,
         allow_loss_change=distill_args.allow_loss_change,
         train_dataset=with_image_transform(
-            dataset["train"], build_train_transform(processor, augmentation_args.augmentation)
+            dataset["train"],
+            build_train_views(processor, augmentation_args.augmentation, augmentation_args.augment_on),
         ),
         eval_dataset=with_image_transform(dataset["validation"], build_eval_transform(processor)),
         processing_class=processor,
@@ -201,12 +353,36 @@ def run_training(
     training_args: TrainingArguments,
     cache_args: TeacherCacheArguments | None = None,
 ) -> dict[str, float]:
-    """Data -> model -> trainer -> train and evaluate -> publish; returns the final eval metrics."""
+    """Data -> model -> trainer -> train and evaluate -> publish; returns the final eval metrics.
+
+    The run holds `--output_dir` (`deit_distill.training.folder_lock`) from before anything is written or
+    deleted there until it ends, however it ends.
+    """
     cache_args = cache_args or TeacherCacheArguments()
     check_data_arguments(data_args)
     check_training_arguments(model_args, augmentation_args, distill_args, training_args, cache_args)
     check_unlabeled_arguments(data_args, distill_args)
     check_cache_arguments(cache_args)
+    with hold_folder(
+        training_args.output_dir,
+        "--output_dir",
+        "deit-distill train",
+        is_main=training_args.process_index == 0,
+    ):
+        return _train(
+            model_args, data_args, augmentation_args, distill_args, run_args, training_args, cache_args
+        )
+
+
+def _train(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    augmentation_args: AugmentationArguments,
+    distill_args: DistillationArguments,
+    run_args: RunArguments,
+    training_args: TrainingArguments,
+    cache_args: TeacherCacheArguments,
+) -> dict[str, float]:
     prepare_output_dir(training_args, run_args)
     transformers.set_seed(training_args.seed)
     logger.info(
@@ -218,7 +394,7 @@ def run_training(
     training_args.remove_unused_columns = False  # the image column is consumed by our transform
     push_to_hub, training_args.push_to_hub = training_args.push_to_hub, False  # we push the finished run
 
-    dataset = data_args.load(seed=training_args.seed)
+    dataset = load_data_once(data_args, training_args)
     id2label = dict(enumerate(dataset["train"].features["label"].names))
     if data_args.unlabeled_dataset:
         unlabeled = count_unlabeled(dataset["train"])
@@ -270,7 +446,7 @@ def run_training(
             trainer, built, dataset, data_args, augmentation_args, distill_args, run_args
         )
         if cache is not None:
-            record.distillation["teacher_cache"] = str(cache.directory)
+            record.distillation["teacher_cache"] = recorded_path(str(cache.directory))
         record.write(training_args.output_dir)
         publish(training_args, push_to_hub)
     return metrics
@@ -298,6 +474,14 @@ def describe_hardware(training_args: TrainingArguments) -> str:
     return f"{training_args.world_size} process(es) on {device}"
 
 
+def recorded_path(name: str | None) -> str | None:
+    """A local path as an absolute one, so that `eval RUN_DIR` finds it from any working directory; a Hub id (or
+    `fashion_mnist`), which is not a local path, as it is."""
+    if not name or not os.path.exists(os.path.expanduser(name)):
+        return name
+    return str(Path(name).expanduser().resolve())
+
+
 def make_run_record(
     trainer: DistillationTrainer,
     built: BuiltModel,
@@ -315,13 +499,15 @@ def make_run_record(
     model_section: dict[str, Any] = {
         "architecture": type(model).__name__,
         "num_parameters": sum(p.numel() for p in model.parameters()),
-        "started_from": start.source if start else None,
+        "started_from": recorded_path(start.source) if start else None,
         "start_format": start.kind if start else "scratch",
     }
     return RunRecord(
         model=model_section,
         data={
             **vars(data_args),
+            "dataset_name": recorded_path(data_args.dataset_name),
+            "unlabeled_dataset": recorded_path(data_args.unlabeled_dataset),
             "seed": args.seed,
             "eval_split_used": getattr(dataset, "eval_split_used", data_args.eval_split),
             "num_train_examples": len(dataset["train"]),
@@ -336,7 +522,7 @@ def make_run_record(
             "alpha": distill_args.alpha if distilled else None,
             "tau": distill_args.tau if distill_args.distillation_type == "soft" else None,
             "kl_reduction": distill_args.kl_reduction if distill_args.distillation_type == "soft" else None,
-            "teacher": distill_args.teacher if distilled else None,
+            "teacher": recorded_path(distill_args.teacher) if distilled else None,
         },
         training={
             "learning_rate": args.learning_rate,
@@ -365,9 +551,43 @@ def make_run_record(
     )
 
 
+def format_final_evaluation(metrics: dict[str, float], output_dir: str) -> str:
+    """The final evaluation as a short table: top-1/top-5 of every head present, and the eval loss.
+
+    With fewer than 5 classes the second column is top-k for k = the number of classes, as the metrics are.
+    """
+    k = max((k for k in range(2, 6) for head in HEADS if metric_key(head, k, "eval_") in metrics), default=5)
+    rows = [f"final evaluation ({output_dir}/eval_results.json):", f"  {'head':<8}{'top-1':>8}{f'top-{k}':>8}"]
+    for head in HEADS:
+        top1, topk = metrics.get(metric_key(head, 1, "eval_")), metrics.get(metric_key(head, k, "eval_"))
+        if top1 is not None:
+            rows.append(f"  {head:<8}{100 * top1:8.2f}" + ("" if topk is None else f"{100 * topk:8.2f}"))
+    if "eval_loss" in metrics:
+        rows.append(f"  eval loss {metrics['eval_loss']:.4f}")
+    return "\n".join(rows)
+
+
+def interrupted_message(output_dir: str) -> str:
+    """What a Ctrl-C left in `--output_dir`, and how to go on."""
+    checkpoint = last_complete_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    if checkpoint is None:
+        return f"interrupted; no checkpoint was saved in {output_dir}, so the run cannot be resumed."
+    return (
+        f"interrupted; checkpoint at {checkpoint}: resume with the same command and --resume_from_checkpoint true."
+    )
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    return run_training(*parse_args(argv))
+    arguments = parse_args(argv)
+    training_args = arguments[5]
+    try:
+        metrics = run_training(*arguments)
+    except KeyboardInterrupt:
+        raise Interrupted(interrupted_message(training_args.output_dir)) from None
+    if training_args.process_index == 0:
+        print(format_final_evaluation(metrics, training_args.output_dir), flush=True)
+    return metrics
 
 
 if __name__ == "__main__":
