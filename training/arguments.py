@@ -16,13 +16,16 @@ from typing import Any
 import datasets
 
 from .data import (
+    TABLE_BUILDERS,
     CorruptImageError,
     load_image_dataset,
     load_unlabeled_images,
     random_subset,
     scan_images,
+    source_kind,
     with_unlabeled,
 )
+from .device_augment import AUGMENT_ON
 from .errors import MissingPathError, UserError
 from .transforms import TRAIN_PRESETS
 
@@ -102,7 +105,10 @@ class DataArguments:
     dataset_name: str = field(
         default="fashion_mnist",
         metadata={
-            "help": "'fashion_mnist' (embedded), a local folder (imagefolder or data files) or a Hub id."
+            "help": "'fashion_mnist' (embedded); a folder of images, one sub-folder per class; a .csv, .json, "
+            ".jsonl or .parquet file, or a folder of them (train/validation/test files named by split), whose "
+            "image column holds paths (relative to the file's folder) or image bytes; a save_to_disk folder; "
+            "or a Hub dataset id."
         },
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
@@ -111,8 +117,27 @@ class DataArguments:
         default=None,
         metadata={"help": "Defaults to validation/valid/val/test if present, else a held-out part of train."},
     )
-    image_column: str = field(default="image")
-    label_column: str = field(default="label")
+    image_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Column of images, image bytes or image paths; by default the obvious one (image, img, path, "
+            "file, ...)."
+        },
+    )
+    label_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "Column of class names (any string type) or class indices; by default the obvious one "
+            "(label, labels, class, category, ...)."
+        },
+    )
+    allow_classes_without_training_images: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep classes that have no training image (e.g. only in the eval split), with a warning; "
+            "otherwise they are refused, since their outputs would never train."
+        },
+    )
     max_train_samples: int | None = field(
         default=None, metadata={"help": "Stratified subset of the train split, fixed by the seed."}
     )
@@ -124,14 +149,19 @@ class DataArguments:
         metadata={"help": "Share of train held out for evaluation when the dataset has no eval split."},
     )
     on_corrupt_image: str = field(
-        default="raise", metadata={"help": "raise, or skip (and count) bad images."}
+        default="raise",
+        metadata={
+            "help": "raise: a bad image stops the run with an error naming its file (when it is read, or by "
+            "--verify_images); skip: decode every image once before training (a scan, as --verify_images) and "
+            "drop and count the bad ones."
+        },
     )
     verify_images: bool = field(
-        default=True,
+        default=False,
         metadata={
-            "help": "Decode every image once before training, so a bad file fails (or is skipped) before the "
-            "first step. Turn off for very large datasets: a bad image then raises an error naming its file "
-            "when it is read. Skipping needs verification."
+            "help": "Decode every image once before training, so a bad file fails before the first step (this "
+            "reads the whole dataset). Off by default: a bad image raises an error naming its file when it is "
+            "read."
         },
     )
 
@@ -147,8 +177,8 @@ class DataArguments:
         },
     )
     unlabeled_split: str = field(default="train", metadata={"help": "Split of --unlabeled_dataset."})
-    unlabeled_image_column: str = field(
-        default="image", metadata={"help": "Image column of --unlabeled_dataset."}
+    unlabeled_image_column: str | None = field(
+        default=None, metadata={"help": "Image column of --unlabeled_dataset (by default the obvious one)."}
     )
     max_unlabeled_samples: int | None = field(
         default=None, metadata={"help": "Random subset of the unlabelled images, fixed by the seed."}
@@ -157,8 +187,10 @@ class DataArguments:
     def load(
         self, seed: int, cache_dir: str | None = None, *, unlabeled: bool = True
     ) -> datasets.DatasetDict:
-        """The "train" and "validation" splits these arguments describe (held-out split and subsets by `seed`),
-        with undecodable images dealt with as `on_corrupt_image` says when `verify_images` is on.
+        """The "train" and "validation" splits these arguments describe (held-out split and subsets by `seed`).
+
+        No image is decoded here unless asked: `verify_images` decodes every image once (a bad one raises), and
+        `on_corrupt_image` "skip" does too, dropping and counting the bad ones.
 
         The unlabelled images, when there are any, follow the labelled ones in "train" with the label
         `UNLABELED`; `unlabeled=False` leaves them out (for commands that only evaluate).
@@ -170,10 +202,17 @@ class DataArguments:
             dataset["train"] = with_unlabeled(
                 dataset["train"], self._unlabeled_images(dataset, seed, cache_dir)
             )
-        for split in dataset if self.verify_images else ():
+        scan = self.verify_images or self.on_corrupt_image == "skip"
+        for split in dataset if scan else ():
+            images = len(dataset[split])
             dataset[split], skipped = scan_images(dataset[split], on_error=self.on_corrupt_image)
             if skipped:
                 logger.warning("Skipped %d undecodable images in the %s split.", skipped, split)
+            if images and not len(dataset[split]):
+                raise UserError(
+                    f"--dataset_name {self.dataset_name}: all {images} images of the {split} split are corrupt "
+                    "(--on_corrupt_image skip dropped every one); check that the files are images."
+                )
         return dataset
 
     def same_source_for_unlabeled(self) -> bool:
@@ -208,8 +247,6 @@ class DataArguments:
 
 def _load_or_explain(args: DataArguments, seed: int, cache_dir: str | None) -> datasets.DatasetDict:
     name = args.dataset_name
-    if os.path.isdir(os.path.expanduser(name)):
-        check_class_folders(os.path.expanduser(name))
     with _explained_load_errors("--dataset_name", name):
         return load_image_dataset(
             name,
@@ -223,6 +260,7 @@ def _load_or_explain(args: DataArguments, seed: int, cache_dir: str | None) -> d
             eval_fraction=args.eval_fraction,
             seed=seed,
             cache_dir=cache_dir,
+            allow_classes_without_training_images=args.allow_classes_without_training_images,
         )
 
 
@@ -247,24 +285,23 @@ def _explained_load_errors(flag: str, name: str) -> Iterator[None]:
         ) from error
 
 
-def check_class_folders(root: str) -> None:
-    """An imagefolder silently drops an empty class folder (one class fewer); refuse it instead."""
-    for folder, subfolders, files in os.walk(root):
-        if not subfolders and not files and folder != root:
-            raise UserError(
-                f"--dataset_name {root}: the folder {folder} is empty, so its class would be dropped. Add its "
-                "images or remove it."
-            )
-
-
 @dataclass
 class AugmentationArguments:
     augmentation: str = field(default="deit", metadata={"help": "deit (the paper's), light or none."})
+    augment_on: str = field(
+        default="workers",
+        metadata={
+            "help": "workers (PIL in the data-loader workers) or device (workers only decode; the training "
+            "device applies the same recipe to the whole batch, per-sample parameters)."
+        },
+    )
     mixup: float = field(default=0.8, metadata={"help": "Mixup alpha; 0 disables."})
     cutmix: float = field(default=1.0, metadata={"help": "CutMix alpha; 0 disables."})
     mixup_prob: float = field(default=1.0, metadata={"help": "Probability of mixing a batch."})
     mixup_switch_prob: float = field(default=0.5, metadata={"help": "Probability of CutMix over Mixup."})
-    label_smoothing: float = field(default=0.1)
+    label_smoothing: float = field(
+        default=0.1, metadata={"help": "Label smoothing of the targets (before Mixup/CutMix), in [0, 1)."}
+    )
     repeated_augmentations: int = field(
         default=1, metadata={"help": "Copies of each image per epoch, each its own view (DeiT uses 3)."}
     )
@@ -384,15 +421,11 @@ def check_data_arguments(args: DataArguments) -> None:
         "on_corrupt_image",
         f"must be 'raise' or 'skip', got {args.on_corrupt_image!r}.",
     )
-    _check(
-        args.verify_images or args.on_corrupt_image != "skip",
-        "on_corrupt_image",
-        "skip needs --verify_images true (bad images are found by the scan).",
-    )
     _check_local_path(
         "dataset_name",
         args.dataset_name,
-        "Give an existing folder of images (one sub-folder per class) or of data files, or a Hub dataset id.",
+        "Give an existing folder of images (one sub-folder per class), a data file or a folder of them, or a "
+        "Hub dataset id.",
     )
     if args.unlabeled_dataset:
         _check_local_path(
@@ -412,11 +445,17 @@ def check_unlabeled_arguments(data_args: DataArguments, distill_args: Distillati
 
 
 def _check_local_path(flag: str, name: str, advice: str) -> None:
-    # "./x", "/x", "~/x" and "a/b/c" can only be folders; "a/b" may also be a Hub id (checked when loading).
-    if (name.startswith((".", "/", "~")) or name.count("/") > 1) and not os.path.exists(
-        os.path.expanduser(name)
-    ):
-        raise MissingPathError(f"--{flag} {name}: no such folder. {advice}")
+    # "./x", "/x", "~/x", "a/b/c" and "x.csv" can only be local; "a/b" may also be a Hub id (checked when loading).
+    path = os.path.expanduser(name)
+    local = (
+        name.startswith((".", "/", "~"))
+        or name.count("/") > 1
+        or path.lower().endswith(tuple(TABLE_BUILDERS))
+    )
+    if local and not os.path.exists(path):
+        raise MissingPathError(f"--{flag} {name}: no such folder or file. {advice}")
+    if os.path.isfile(path):
+        source_kind(name, f"--{flag}")  # refuses a file that is not a data file, before anything is written
 
 
 def check_training_arguments(
@@ -467,6 +506,11 @@ def check_training_arguments(
         augmentation_args.augmentation in TRAIN_PRESETS,
         "augmentation",
         f"must be one of {', '.join(TRAIN_PRESETS)}, got {augmentation_args.augmentation!r}.",
+    )
+    _check(
+        augmentation_args.augment_on in AUGMENT_ON,
+        "augment_on",
+        f"must be one of {', '.join(AUGMENT_ON)}, got {augmentation_args.augment_on!r}.",
     )
     for flag in ("mixup", "cutmix"):
         value = getattr(augmentation_args, flag)

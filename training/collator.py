@@ -10,7 +10,8 @@ import torch
 from timm.data.mixup import mixup_target
 
 from .data import UNLABELED
-from .views import ViewKey, mix_generator
+from .device_augment import DeviceAugmentSpec, collate_params, mix_pixels
+from .views import AUGMENT_PARAMS, ViewKey, mix_generator
 
 
 class DistillationCollator:
@@ -42,6 +43,10 @@ class DistillationCollator:
         prob: Probability of mixing a batch.
         switch_prob: Probability of cutmix instead of mixup when both are enabled.
         label_smoothing: Smoothing of the mixed targets (ignored when mixing is disabled).
+        device_augment: With `--augment_on device`, the recipe's spec: examples then carry uint8 canvases and
+            their parameters (`DecodeForDevice`), the batch keeps them (`pixel_values` uint8 `(B, Hc, Wc, 3)`,
+            `augment_params`) plus this batch's mix draw, and the trainer augments and mixes on the device
+            (`device_augment.augment_batch`). The soft labels are mixed here, on the host, as on the worker path.
     """
 
     accepts_views = True
@@ -55,6 +60,7 @@ class DistillationCollator:
         prob: float = 1.0,
         switch_prob: float = 0.5,
         label_smoothing: float = 0.0,
+        device_augment: DeviceAugmentSpec | None = None,
     ) -> None:
         if min(mixup_alpha, cutmix_alpha) < 0 or not 0 <= prob <= 1 or not 0 <= switch_prob <= 1:
             raise ValueError(
@@ -69,6 +75,7 @@ class DistillationCollator:
         self.prob = prob
         self.switch_prob = switch_prob
         self.label_smoothing = label_smoothing
+        self.device_augment = device_augment
 
     @property
     def mixes(self) -> bool:
@@ -112,25 +119,35 @@ class DistillationCollator:
         if all("labels" not in example for example in examples):
             return {"pixel_values": pixel_values}  # unlabelled data for prediction: nothing to mix or smooth
         labels = torch.as_tensor([example["labels"] for example in examples], dtype=torch.long)
+        on_device = AUGMENT_PARAMS in examples[0]
+        if on_device and self.device_augment is None:
+            raise ValueError("Examples decoded for --augment_on device need a collator with device_augment.")
+        image_hw = self.device_augment.output_hw if on_device else tuple(pixel_values.shape[-2:])
         if not self.mixes:
+            if on_device:
+                params = [example[AUGMENT_PARAMS] for example in examples]
+                augment = collate_params(params, self.device_augment, (1.0, None))
+                return {"pixel_values": pixel_values, "labels": labels, AUGMENT_PARAMS: augment}
             return {"pixel_values": pixel_values, "labels": labels}
         if not views or views[0] is None:
             raise ValueError(
                 "Mixup/CutMix draws from the batch's ViewKeys: train with DistillationTrainer (its sampler "
                 "provides them) or pass views=[ViewKey, ...]."
             )
-        lam, box = self.mix_params(mix_generator(views[0]), tuple(pixel_values.shape[-2:]))
+        lam, box = self.mix_params(mix_generator(views[0]), image_hw)
         # One-hot smoothed targets; they stay for unmixed batches and for the last example of an odd batch.
         unlabeled = labels == UNLABELED
         targets = mixup_target(labels.clamp(min=0), self.num_classes, smoothing=self.label_smoothing)
         targets[unlabeled] = 0.0
+        if on_device:
+            # The pixels are mixed on the device after augmentation (`augment_batch`); the draw travels along.
+            params = [example[AUGMENT_PARAMS] for example in examples]
+            augment = collate_params(params, self.device_augment, (lam, box))
+            batch = {"pixel_values": pixel_values, AUGMENT_PARAMS: augment}
+        else:
+            batch = {"pixel_values": pixel_values if lam == 1.0 else mix_pixels(pixel_values, lam, box)}
         if lam == 1.0:
-            return {"pixel_values": pixel_values, "labels": targets}
+            return {**batch, "labels": targets}
         partner = torch.arange(len(examples)) ^ 1
         partner[partner == len(examples)] = len(examples) - 1
-        if box is None:
-            pixel_values = pixel_values * lam + pixel_values[partner] * (1.0 - lam)
-        else:
-            y0, y1, x0, x1 = box
-            pixel_values[:, :, y0:y1, x0:x1] = pixel_values[partner, :, y0:y1, x0:x1]
-        return {"pixel_values": pixel_values, "labels": targets * lam + targets[partner] * (1.0 - lam)}
+        return {**batch, "labels": targets * lam + targets[partner] * (1.0 - lam)}

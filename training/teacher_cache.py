@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoints import read_json_file
 from .errors import UserError
 from .teacher import InputSpec, run_precision
 from .views import VIEW_KEYS, ViewKey
@@ -76,11 +77,13 @@ def dataset_sha256(dataset: datasets.Dataset, num_images: int = 64) -> str:
     """A content hash of an image dataset: its size, every label and the bytes of `num_images` evenly spaced
     images. Unlike `Dataset._fingerprint` it does not depend on where the files were cached, so a cache pushed to
     the Hub checks out on another machine."""
-    rows = dataset.select_columns(["image", "label"]).cast_column("image", datasets.Image(decode=False))
-    digest = hashlib.sha256(f"{len(rows)};".encode())
-    digest.update(np.asarray(rows["label"], dtype=np.int64).tobytes())
-    sample = np.unique(np.linspace(0, len(rows) - 1, min(num_images, len(rows))).astype(int)).tolist()
-    for image in rows[sample]["image"]:
+    digest = hashlib.sha256(f"{len(dataset)};".encode())
+    # The labels as one Arrow column (gathered through the dataset's indices, if any), not row by row.
+    labels = dataset.select_columns(["label"]).with_format("arrow")[:].column("label")
+    digest.update(labels.to_numpy().astype(np.int64).tobytes())
+    sample = np.unique(np.linspace(0, len(dataset) - 1, min(num_images, len(dataset))).astype(int)).tolist()
+    rows = dataset.select(sample).select_columns(["image"]).cast_column("image", datasets.Image(decode=False))
+    for image in rows["image"]:
         data = image.get("bytes")
         if data is None:
             data = Path(image["path"]).read_bytes()
@@ -149,6 +152,13 @@ def describe_run(
                     "repeated_augmentations",
                 )
             },
+            # Which path made the views (`--augment_on`); recorded when not the default, so caches written before
+            # the flag existed (all `workers`) still replay.
+            **(
+                {"augment_on": augmentation_args.augment_on}
+                if getattr(augmentation_args, "augment_on", "workers") != "workers"
+                else {}
+            ),
         },
         "layout": {
             "global_batch_size": training_args.per_device_train_batch_size * training_args.world_size,
@@ -217,11 +227,34 @@ class _Epoch:
     topk_log_probs: np.ndarray  # (N, K)
 
 
+def _read_shard(file: Path) -> pa.Table:
+    try:
+        return pq.read_table(file)
+    except (pa.ArrowException, OSError) as error:
+        raise UserError(
+            f"teacher cache shard {file} is damaged ({str(error).splitlines()[0][:160]}); delete it and rerun "
+            "the same `deit-distill cache-teacher` command to write it again."
+        ) from error
+
+
+def check_shards(directory: Path) -> None:
+    """Every shard's footer is readable (a truncated parquet file loses it): fail when the cache is opened, not
+    in the middle of training."""
+    for file in sorted((directory / DATA_DIR).glob("epoch-*/process-*/steps-*.parquet")):
+        try:
+            pq.read_metadata(file)
+        except (pa.ArrowException, OSError) as error:
+            raise UserError(
+                f"teacher cache shard {file} is damaged ({str(error).splitlines()[0][:160]}); delete it and "
+                "rerun the same `deit-distill cache-teacher` command to write it again."
+            ) from error
+
+
 def _read_epoch(folder: Path, top_k: int) -> _Epoch:
     files = sorted(folder.glob("process-*/steps-*.parquet"))
     if not files:
         raise UserError(f"teacher cache: no shards in {folder}.")
-    table = pa.concat_tables([pq.read_table(file) for file in files])
+    table = pa.concat_tables([_read_shard(file) for file in files])
     position = table.column("position").to_numpy().astype(np.int64)
     size = int(position.max()) + 1
     present = np.zeros(size, dtype=bool)
@@ -263,6 +296,7 @@ class TeacherCache:
                 f"teacher cache {self.directory} is incomplete (a cache-teacher run was interrupted): rerun the "
                 "same `deit-distill cache-teacher` command to finish it."
             )
+        check_shards(self.directory)
         storage = self.metadata["storage"]
         self.epochs: int = storage["epochs"]
         self.top_k: int = storage["top_k"]
@@ -348,7 +382,7 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
         raise UserError(
             f"--teacher_cache {directory}: no {METADATA_FILE}; write one with deit-distill cache-teacher."
         )
-    metadata = json.loads(path.read_text())
+    metadata = read_json_file(path, "teacher cache")
     if metadata.get("format") != CACHE_FORMAT:
         raise UserError(
             f"teacher cache {directory}: format {metadata.get('format')!r}, expected {CACHE_FORMAT!r}."
@@ -559,6 +593,9 @@ def write_dataset_card(directory: str | os.PathLike) -> Path:
         metadata["data"],
         metadata["views"],
     )
+    # Local paths of the writing machine stay out of the card: a folder name, said to be local.
+    teacher_name = _card_name(teacher.get("id"), "model")
+    dataset_name = _card_name(data["dataset_name"], "dataset")
     card = f"""---
 tags:
 - deit-distill
@@ -571,7 +608,7 @@ configs:
     path: {DATA_DIR}/*/*/*.parquet
 ---
 
-# Teacher cache: {teacher.get("id")} on {data["dataset_name"]}
+# Teacher cache: {teacher_name} on {dataset_name}
 
 The outputs of a frozen teacher on every training view of {storage["epochs"]} epoch(s) of a
 [deit-distill](https://github.com/) run, so that runs with the same data arguments train without running the
@@ -583,8 +620,8 @@ classes (`topk_indices`, most likely first) with their log-probabilities (`topk_
 
 | | |
 |---|---|
-| teacher | `{teacher.get("id")}` (weights sha256 `{str(teacher.get("weights_sha256"))[:16]}...`, {teacher.get("precision")}) |
-| data | `{data["dataset_name"]}` ({data["dataset_config"] or "default"}), split `{data["train_split"]}`, {data["num_examples"]} images |
+| teacher | {teacher_name} (weights sha256 `{str(teacher.get("weights_sha256"))[:16]}...`, {teacher.get("precision")}) |
+| data | {dataset_name} ({data["dataset_config"] or "default"}), split `{data["train_split"]}`, {data["num_examples"]} images |
 | views | seed {views["seed"]}, augmentation `{views["augmentation"]}`, mixup {views["mixup"]}, cutmix {views["cutmix"]}, repeated augmentation {views["repeated_augmentations"]} |
 | layout | global batch {metadata["layout"]["global_batch_size"]} |
 | storage | {storage.get("views_per_epoch")} views per epoch, top-{storage["top_k"]} of {storage["num_classes"]} classes |
@@ -601,6 +638,17 @@ views = load_dataset("parquet", data_files="{DATA_DIR}/*/*/*.parquet", split="tr
     path = directory / "README.md"
     path.write_text(card)
     return path
+
+
+def _card_name(name: str | None, what: str) -> str:
+    """A Hub id as it is, a local path by its folder name and said to be local."""
+    from .run_record import is_local
+
+    if not name:
+        return "an unnamed " + what
+    if name == "fashion_mnist" or not is_local(name):
+        return f"`{name}`"
+    return f"`{Path(name).name}` (a local {what}, not on the Hub)"
 
 
 def open_for_run(

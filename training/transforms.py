@@ -18,6 +18,7 @@ from timm.data.auto_augment import RandAugment, posterize
 from transformers.image_processing_utils import BaseImageProcessor
 
 from .data import decode_image
+from .device_augment import DecodeForDevice, DeviceAugmentSpec, device_augment_spec
 
 TRAIN_PRESETS = ("deit", "light", "none")
 ImageTransform = Callable[[Image.Image], torch.Tensor]
@@ -63,6 +64,23 @@ def build_train_transform(image_processor: BaseImageProcessor, preset: str = "de
                 if op.aug_fn is posterize:
                     op.aug_fn = _posterize_keeping_zero_bits
     return transform
+
+
+def build_train_views(
+    image_processor: BaseImageProcessor, preset: str = "deit", augment_on: str = "workers"
+) -> ImageTransform | DecodeForDevice:
+    """The worker-side transform of a train preset: all of it (`workers`), or only the decode and the draw of each
+    view's parameters (`device`, with "deit" or "light"; `device_augment` applies them to the batch)."""
+    if augment_on == "workers" or preset == "none":
+        return build_train_transform(image_processor, preset)
+    return DecodeForDevice(device_augment_spec_of(image_processor, preset))
+
+
+def device_augment_spec_of(image_processor: BaseImageProcessor, preset: str) -> DeviceAugmentSpec:
+    """The device path's spec of a train preset, read from the processor as `build_train_transform` reads it."""
+    mean, std = normalisation(image_processor)
+    interpolation = _interpolation_name(image_processor)
+    return device_augment_spec(output_size(image_processor), mean, std, preset, interpolation)
 
 
 def build_eval_transform(image_processor: BaseImageProcessor) -> ImageTransform:
@@ -120,6 +138,9 @@ class ImageExamples(torch.utils.data.Dataset):
     def transform(self, row: tuple[int, Any, int]) -> dict[str, Any]:
         """One read row as a model input."""
         index, image, label = row
+        if getattr(self.image_transform, "takes_undecoded", False):
+            # `--augment_on device`: the transform decodes itself (reduced JPEG decoding) and returns a dict.
+            return {**self.image_transform(image, index), "labels": label}
         return {"pixel_values": self.image_transform(decode_image(image, index)), "labels": label}
 
     def __getitem__(self, index: int) -> dict[str, Any]:

@@ -130,7 +130,10 @@ VIEW_KEYS = "view_keys"
 
 # Batch entries that stay on the host: the trainer never moves them to the device (a key lookup there would cost
 # a device-to-host sync per step). Whoever consumes one pops it before the model sees the batch.
-HOST_INPUTS: tuple[str, ...] = (VIEW_KEYS,)
+# With `--augment_on device`, the per-sample augmentation parameters (`device_augment`): read on the host to group
+# ops, moved by `device_augment.augment_batch` itself.
+AUGMENT_PARAMS = "augment_params"
+HOST_INPUTS: tuple[str, ...] = (VIEW_KEYS, AUGMENT_PARAMS)
 
 
 class ViewCollator:
