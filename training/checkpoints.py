@@ -80,13 +80,25 @@ class StartingPoint:
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Weights from a .safetensors or torch file; unwraps the `{"model": ...}` of official DeiT checkpoints."""
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """Weights from a .safetensors or torch file; unwraps the `{"model": ...}` of official DeiT checkpoints.
 
-        return load_file(path)
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    Raises:
+        UserError: the file is empty, truncated or not a weights file (the message names it).
+    """
+    path = Path(path)
+    check_weights_file(path)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # safetensors, pickle and zip report damage in their own types
+        raise UserError(
+            f"{path}: cannot read the weights ({_first_line(error)}); the file is damaged."
+        ) from error
+    if not isinstance(checkpoint, dict):
+        raise UserError(f"{path}: holds a {type(checkpoint).__name__}, not a state dict of weights.")
     for key in ("model", "state_dict"):
         if isinstance(checkpoint.get(key), dict):
             return checkpoint[key]
@@ -105,6 +117,138 @@ def student_from_timm_state_dict(
     return from_timm(state_dict, num_attention_heads=num_attention_heads, **overrides)
 
 
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+_TEXT_MAPPINGS = (
+    "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES",
+    "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+    "MODEL_FOR_MASKED_LM_MAPPING_NAMES",
+    "MODEL_FOR_TEXT_ENCODING_MAPPING_NAMES",
+)
+_AUDIO_MAPPINGS = ("MODEL_FOR_AUDIO_CLASSIFICATION_MAPPING_NAMES", "MODEL_FOR_CTC_MAPPING_NAMES")
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200]}" if text else type(error).__name__
+
+
+def read_json_file(path: str | os.PathLike, what: str = "") -> dict[str, Any]:
+    """A JSON object from `path`, or a `UserError` naming the file and what is wrong with it."""
+    path = Path(path)
+    prefix = f"{what}: " if what else ""
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise UserError(f"{prefix}{path} is not a text (JSON) file; the file is damaged.") from None
+    if not text.strip():
+        raise UserError(f"{prefix}{path} is empty; the file is damaged (copy or save it again).")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise UserError(
+            f"{prefix}{path} is not valid JSON ({error.msg} at line {error.lineno}); the file is damaged."
+        ) from None
+    if not isinstance(value, dict):
+        raise UserError(f"{prefix}{path} holds a JSON {type(value).__name__}, not an object.")
+    return value
+
+
+def check_weights_file(path: Path) -> None:
+    """Refuse an empty or truncated weights file before a loader fails on it without naming it.
+
+    A .safetensors file states its own length (an 8-byte header size, the header, then the tensors up to the
+    largest end offset); a .bin/.pth in torch's zip format has its directory at the end, so truncation loses it.
+    """
+    size = path.stat().st_size
+    if size == 0:
+        raise UserError(f"{path} is empty: no weights (copy or save the model again).")
+    if path.suffix == ".safetensors":
+        with open(path, "rb") as handle:
+            header_size = int.from_bytes(handle.read(8), "little")
+            if not 2 <= header_size <= size - 8:
+                raise UserError(
+                    f"{path} is not a safetensors file (or it is truncated): its header is unreadable."
+                )
+            try:
+                header = json.loads(handle.read(header_size))
+            except ValueError:
+                raise UserError(f"{path} is not a safetensors file: its header is not JSON.") from None
+        ends = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+        expected = 8 + header_size + max(ends, default=0)
+        if size < expected:
+            raise UserError(
+                f"{path} is truncated: {size} bytes of the {expected} its header describes (copy or save it again)."
+            )
+    elif path.suffix in (".bin", ".pth", ".pt"):
+        import zipfile
+
+        with open(path, "rb") as handle:
+            zip_magic = handle.read(4) == b"PK\x03\x04"
+        if zip_magic and not zipfile.is_zipfile(path):
+            raise UserError(f"{path} is truncated: its zip directory is missing (copy or save it again).")
+
+
+def check_model_folder(source: str, what: str) -> None:
+    """A saved model folder that every loader can read: its config.json is JSON of an image classifier, its weights
+    are whole and its preprocessor_config.json (if any) is JSON. Each problem is one `UserError` naming the file.
+
+    A source that is not a folder (a Hub id, a state-dict file) is left to its loader.
+    """
+    folder = Path(source)
+    if not folder.is_dir():
+        return
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise MissingPathError(
+            f"{what} {source}: the folder has no config.json; give a saved model folder (a training run, "
+            "save_pretrained or a downloaded Hub model), a Hub id or a state-dict file (.pth, .safetensors)."
+        )
+    config = read_json_file(config_path, what)
+    if "architecture" not in config:  # timm's Hub layout has no model_type, and is an image classifier
+        check_image_classifier(config.get("model_type"), f"{what} {source}")
+    processor_path = folder / "preprocessor_config.json"
+    if processor_path.is_file():
+        read_json_file(processor_path, what)
+    weights = [folder / name for name in _WEIGHT_FILES if (folder / name).is_file()]
+    if not weights:
+        raise MissingPathError(
+            f"{what} {source}: the folder has no weights ({' or '.join(_WEIGHT_FILES[::2])}); save or copy the "
+            "whole model."
+        )
+    if weights[0].name.endswith(".index.json"):
+        index = read_json_file(weights[0], what)
+        for name in sorted(set((index.get("weight_map") or {}).values())):
+            if not (folder / name).is_file():
+                raise MissingPathError(
+                    f"{what} {source}: the shard {name} named in {weights[0].name} is missing."
+                )
+            check_weights_file(folder / name)
+    else:
+        check_weights_file(weights[0])
+
+
+def check_image_classifier(model_type: str | None, where: str) -> None:
+    """Name a model of the wrong kind: "is a bert text model, not an image classifier"."""
+    from transformers.models.auto import modeling_auto
+
+    if model_type in (
+        DeiTDistillConfig.model_type,
+        *modeling_auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
+    ):
+        return
+    if not model_type:
+        raise UserError(f"{where}: config.json has no model_type, so the kind of model is unknown.")
+
+    def among(names: tuple[str, ...]) -> bool:
+        return any(model_type in getattr(modeling_auto, name, {}) for name in names)
+
+    if among(_TEXT_MAPPINGS) or among(_AUDIO_MAPPINGS):
+        kind = f"{model_type} {'text' if among(_TEXT_MAPPINGS) else 'audio'} model"
+    else:
+        kind = f"{model_type} model without an image-classification head"
+    raise UserError(f"{where} is a {kind}, not an image classifier.")
+
+
 def _is_hub_id(source: str) -> bool:
     return not os.path.exists(source) and source.count("/") == 1 and not source.startswith((".", "/", "~"))
 
@@ -120,13 +264,8 @@ def check_model_source(source: str, what: str) -> None:
 def _raw_config(source: str) -> dict[str, Any]:
     """`config.json` of a folder or Hub repo as a dict (timm's configs are not transformers configs)."""
     if os.path.isdir(source):
-        path = Path(source) / "config.json"
-        if not path.is_file():
-            raise MissingPathError(
-                f"--model_name_or_path {source}: the folder has no config.json; give a saved model folder, a "
-                "Hub id or a state-dict file (.pth, .safetensors)."
-            )
-        return json.loads(path.read_text())
+        check_model_folder(source, "--model_name_or_path")
+        return read_json_file(Path(source) / "config.json", "--model_name_or_path")
     if not _is_hub_id(source):
         raise MissingPathError(
             f"--model_name_or_path {source}: no such file or folder (and not a Hub id of the form owner/name)."
@@ -134,12 +273,13 @@ def _raw_config(source: str) -> dict[str, Any]:
     from huggingface_hub import hf_hub_download
 
     try:
-        return json.loads(Path(hf_hub_download(source, "config.json")).read_text())
+        path = hf_hub_download(source, "config.json")
     except Exception as error:  # offline, missing repo, no config: all the user can fix is the id
         raise UserError(
             f"--model_name_or_path {source}: cannot read its config.json from the Hub "
             f"({type(error).__name__}). Check the id, or download the model to a folder first."
         ) from error
+    return read_json_file(path, "--model_name_or_path")
 
 
 def _image_processor(source: str) -> BaseImageProcessor | None:
@@ -197,7 +337,13 @@ def load_starting_point(
             raise UserError(
                 f"--model_name_or_path {source}: a file must be a state dict ({', '.join(_STATE_DICT_SUFFIXES)})."
             )
-        model = student_from_timm_state_dict(load_state_dict_file(source))
+        state_dict = load_state_dict_file(source)
+        if "cls_token" not in state_dict or "pos_embed" not in state_dict:
+            raise UserError(
+                f"--model_name_or_path {source}: not a timm/DeiT ViT state dict (no cls_token/pos_embed among its "
+                f"{len(state_dict)} tensors); a state-dict file must hold a DeiT or ViT."
+            )
+        model = student_from_timm_state_dict(state_dict)
         logger.info("Converted the timm/DeiT state dict %s to a DeiTDistill student.", source)
         relabel_student(model, id2label)
         return StartingPoint(model, None, source, "timm", None)

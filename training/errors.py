@@ -9,3 +9,10 @@ class UserError(ValueError):
 
 class MissingPathError(UserError, FileNotFoundError):
     """A file or folder the user named does not exist."""
+
+
+class Interrupted(Exception):
+    """The user stopped a command (Ctrl-C); the message says what was left behind ("nothing pushed", ...).
+
+    The CLI prints it as one line and exits 130, the shell's status for SIGINT.
+    """

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoImageProcessor, AutoModelForImageClassification, PretrainedConfig
 
+from .checkpoints import check_model_folder
 from .errors import MissingPathError, UserError
 from .transforms import normalisation, output_size
 
@@ -33,6 +34,7 @@ def load_teacher(teacher: str | nn.Module, **from_pretrained_kwargs) -> nn.Modul
             raise MissingPathError(
                 f"--teacher {teacher}: no such folder; train or download the teacher first."
             )
+        check_model_folder(teacher, "--teacher")  # damaged files, or a text model, named before loading
         try:
             with whole_model_loading():
                 teacher = AutoModelForImageClassification.from_pretrained(teacher, **from_pretrained_kwargs)

@@ -12,8 +12,10 @@ deit-distill demo                           the end-to-end Fashion-MNIST demo
 deit-distill cache-teacher ARGS --teacher_cache DIR   run the teacher once over every training view (train's ARGS)
 deit-distill push-cache DIR --repo_id ID    push a teacher cache to the Hub as a dataset repo
 
-Every flag is accepted as --foo_bar and as --foo-bar. Expected errors (a bad flag value, a missing file) print
-one line, `deit-distill: error: ...`; set --debug or DEIT_DISTILL_DEBUG=1 for the traceback.
+Every flag is accepted as --foo_bar and as --foo-bar; `deit-distill COMMAND --help` lists a command's flags.
+Expected errors (a bad flag value, a missing file, a misspelt flag) print one line, `deit-distill: error: ...`,
+and exit 2; Ctrl-C prints one line saying what was left and exits 130. Set --debug or DEIT_DISTILL_DEBUG=1 for
+the traceback.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import os
 import sys
 
 from deit_distill.training.data import CorruptImageError
-from deit_distill.training.errors import UserError
+from deit_distill.training.errors import Interrupted, UserError
 
 # Sub-command -> module in deit_distill.training.commands with a `main(argv)`; each parses its own flags (--help included).
 COMMANDS = {
@@ -56,14 +58,22 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    module = importlib.import_module(f"deit_distill.training.commands.{COMMANDS[command]}")
     try:
+        module = importlib.import_module(f"deit_distill.training.commands.{COMMANDS[command]}")
         status = module.main([command, *rest]) if COMMANDS[command] == "hub" else module.main(rest)
     except _EXPECTED_ERRORS as error:
         if debug:
             raise
         print(f"deit-distill: error: {error}", file=sys.stderr)
         return 2
+    except (Interrupted, KeyboardInterrupt) as stop:
+        if debug:
+            raise
+        # A command that knows what an interruption leaves behind says so; otherwise the plain fact.
+        print(f"deit-distill {command}: {stop or 'interrupted.'}", file=sys.stderr)
+        return 130  # the shell's status for SIGINT
+    except SystemExit as done:  # --help, and argparse's own exits
+        return done.code if isinstance(done.code, int) else (0 if done.code is None else 2)
     return status if isinstance(status, int) else 0
 
 

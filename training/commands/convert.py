@@ -25,11 +25,11 @@ from deit_distill.modeling_deit_distill import (
 from deit_distill.training.checkpoints import TRANSFORMERS_STUDENT_CLASSES, load_state_dict_file
 from deit_distill.training.errors import MissingPathError, UserError
 
-from .flags import add_flag
+from .flags import CommandParser, add_flag
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deit-distill convert", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="deit-distill convert", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--from",
         dest="source_format",

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from transformers import HfArgumentParser, pipeline
+from transformers import pipeline
 
+from deit_distill.training.commands.flags import DataclassParser
 from deit_distill.training.commands.train import parse_args, run_training
 from deit_distill.training.data import load_image_dataset
 
@@ -144,7 +146,9 @@ def write_results(output: Path, rows: list[dict], predictions: list[str]) -> Non
 
 def main(argv: list[str] | None = None) -> list[dict]:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.WARNING)
-    (demo,) = HfArgumentParser(DemoArguments).parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    (demo,) = DataclassParser(DemoArguments, prog="deit-distill demo").parse_flags(
+        list(sys.argv[1:] if argv is None else argv)
+    )
     return run_demo(demo)
 
 

@@ -30,11 +30,11 @@ from deit_distill.training.onnx_export import (
 )
 from deit_distill.training.run_record import RunRecord
 
-from .flags import add_flag
+from .flags import CommandParser, add_flag
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deit-distill export", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="deit-distill export", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="a run directory, a saved model folder or a Hub id")
     add_flag(parser, "output", required=True, help="folder to write (created if missing)")
     add_flag(parser, "quantize", choices=["int8"], default=None, help="also write model_int8.onnx")

@@ -1,13 +1,115 @@
-"""One flag style for the argparse commands: every option answers to `--foo_bar` and `--foo-bar`, as
-`HfArgumentParser` (train, eval, demo) already does."""
+"""One flag style for every command: each option answers to `--foo_bar` and `--foo-bar` (as `HfArgumentParser`
+does for train, eval, analyze), an unknown or misspelt flag is one line naming the nearest known flag, and a bad
+value is one line naming its flag. No abbreviations: `--max_step` is a mistake, not `--max_steps`.
+"""
 
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import difflib
+import re
+import textwrap
+from collections.abc import Iterable, Sequence
+from dataclasses import MISSING, fields
+from typing import Any, NoReturn
+
+from transformers import HfArgumentParser
+
+from deit_distill.training.errors import UserError
+
+_UNRECOGNIZED = re.compile(r"^unrecognized arguments: (.*)$")
 
 
 def add_flag(parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:
     """Add `--name` (underscores) and its dashed spelling, stored under `name`."""
     spellings = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
     parser.add_argument(*spellings, dest=name, **kwargs)
+
+
+def option_names(parser: argparse.ArgumentParser) -> list[str]:
+    """Every `--flag` the parser accepts, in its underscore spelling, in order."""
+    names = [
+        option.replace("-", "_").replace("__", "--", 1)
+        for action in parser._actions
+        for option in action.option_strings
+        if option.startswith("--")
+    ]
+    return list(dict.fromkeys(names))
+
+
+def unknown_flag_message(given: str, known: Iterable[str], where: str = "") -> str:
+    """`unknown flag --max_stepz; did you mean --max_steps?`, or a pointer to --help when nothing is close."""
+    flag = "--" + given.lstrip("-").split("=")[0].replace("-", "_")
+    close = difflib.get_close_matches(flag, list(known), n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]}?" if close else "see --help for the flags."
+    return f"unknown flag {flag}{where}; {hint}"
+
+
+def unknown_arguments_error(remaining: list[str], known: Iterable[str], where: str = "") -> UserError:
+    """The error for arguments a parser left over: the first unknown flag with its nearest match, or the stray value."""
+    flags = [token for token in remaining if token.startswith("-") and not _is_number(token)]
+    if flags:
+        return UserError(unknown_flag_message(flags[0], known, where))
+    return UserError(
+        f"unexpected argument {remaining[0]!r}{where}: every value follows its flag (--flag VALUE)."
+    )
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+class _OneLineErrors:
+    """argparse's `error()` prints the whole usage and exits; raise one `UserError` line instead."""
+
+    def error(self, message: str) -> NoReturn:  # argparse's signature
+        match = _UNRECOGNIZED.match(message)
+        if match:
+            raise unknown_arguments_error(match.group(1).split(), option_names(self))
+        raise UserError(f"{message.rstrip('.')}.")
+
+
+class CommandParser(_OneLineErrors, argparse.ArgumentParser):
+    """The argparse parser of the commands (predict, export, convert, card, push, push-cache)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
+class DataclassParser(_OneLineErrors, HfArgumentParser):
+    """`HfArgumentParser` (train, eval, analyze) with one-line errors and a suggestion for an unknown flag."""
+
+    def __init__(self, dataclass_types: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(dataclass_types, **kwargs)
+
+    def parse_flags(self, argv: list[str], where: str = "") -> tuple[Any, ...]:
+        """The dataclasses from `argv`; an unknown flag is a `UserError` naming the nearest known one."""
+        *values, remaining = self.parse_args_into_dataclasses(
+            args=argv, return_remaining_strings=True, look_for_args_file=False
+        )
+        if remaining:
+            raise unknown_arguments_error(remaining, option_names(self), where)
+        return tuple(values)
+
+
+def format_flag(name: str, help_text: str, default: Any = None) -> str:
+    """One flag of a `--help`: the name, then its help wrapped under it, with the default when it says something."""
+    shown = "" if default in (None, MISSING) or help_text.rstrip().endswith(")") else f" (default: {default})"
+    return textwrap.fill(
+        f"{help_text}{shown}", width=110, initial_indent=f"  --{name:<28} ", subsequent_indent=" " * 33
+    )
+
+
+def dataclass_help(usage: str, groups: Sequence[tuple[str, type]]) -> str:
+    """A short `--help`: the usage, then each group's flags (a dataclass each) with their help lines."""
+    lines = [usage]
+    for title, cls in groups:
+        lines.append(f"\n{title}:")
+        lines += [format_flag(spec.name, spec.metadata.get("help", ""), spec.default) for spec in fields(cls)]
+    return "\n".join(lines)

@@ -7,11 +7,11 @@ import sys
 
 from deit_distill.training.errors import UserError
 
-from .flags import add_flag
+from .flags import CommandParser, add_flag
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deit-distill")
+    parser = CommandParser(prog="deit-distill")
     commands = parser.add_subparsers(dest="command", required=True)
 
     card = commands.add_parser("card", help="regenerate the model card of a saved run")

@@ -21,11 +21,11 @@ from deit_distill.modeling_deit_distill import DeiTDistillImageClassificationPip
 from deit_distill.training.checkpoints import check_model_source
 from deit_distill.training.errors import MissingPathError, UserError
 
-from .flags import add_flag
+from .flags import CommandParser, add_flag
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deit-distill predict", description=__doc__.split("\n\n")[0])
+    parser = CommandParser(prog="deit-distill predict", description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="a run directory, a saved model folder or a Hub id")
     parser.add_argument("paths", nargs="+", help="image files, or folders searched recursively")
     add_flag(parser, "top_k", type=int, default=3, help="labels per image (default 3)")

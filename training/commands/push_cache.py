@@ -7,11 +7,11 @@ import sys
 
 from deit_distill.training.teacher_cache import push_teacher_cache
 
-from .flags import add_flag
+from .flags import CommandParser, add_flag
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deit-distill push-cache")
+    parser = CommandParser(prog="deit-distill push-cache")
     parser.add_argument("cache_dir", help="a complete teacher cache (deit-distill cache-teacher)")
     add_flag(parser, "repo_id", required=True, help="the dataset repo, e.g. user/regnety160-imagenet-cache")
     add_flag(parser, "token", default=None, help="defaults to HF_TOKEN or the stored login")

@@ -10,6 +10,7 @@ record, the metrics and the model card to `--output_dir`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -56,7 +57,7 @@ from deit_distill.training.transforms import (
     with_image_transform,
 )
 
-from .flags import DataclassParser, option_names, unknown_flag_message
+from .flags import DataclassParser, dataclass_help, format_flag, option_names, unknown_flag_message
 
 logger = logging.getLogger(__name__)
 
@@ -180,31 +181,18 @@ def refuse_replaced_flags(argv: list[str], where: str = "") -> None:
 
 def short_help(command: str = "train") -> str:
     """The project's flags by group, each with its help, then the most used Trainer flags."""
-    import textwrap
-    from dataclasses import MISSING, fields
-
-    def entry(name: str, help_text: str, default: Any) -> str:
-        shown = "" if default in (None, MISSING) or help_text.rstrip().endswith(")") else f" (default: {default})"
-        return textwrap.fill(
-            f"{help_text}{shown}",
-            width=110,
-            initial_indent=f"  --{name:<28} ",
-            subsequent_indent=" " * 33,
-        )
-
+    usage = (
+        f"usage: deit-distill {command} [recipe.json] [--flag VALUE ...]   (flags after a recipe override it)\n"
+        "Every flag is also accepted as --foo-bar. `--help_all` lists every flag, the Trainer's included."
+    )
+    defaults = {spec.name: spec.default for spec in dataclasses.fields(TrainingArguments)}
     lines = [
-        f"usage: deit-distill {command} [recipe.json] [--flag VALUE ...]   (flags after a recipe override it)",
-        "Every flag is also accepted as --foo-bar. `--help_all` lists every flag, the Trainer's included.",
+        dataclass_help(usage, _HELP_GROUPS),
+        "\nTraining (transformers' TrainingArguments, the most used; --help_all for all of them):",
     ]
-    for title, cls in _HELP_GROUPS:
-        lines.append(f"\n{title}:")
-        for spec in fields(cls):
-            lines.append(entry(spec.name, spec.metadata.get("help", ""), spec.default))
-    lines.append("\nTraining (transformers' TrainingArguments, the most used; --help_all for all of them):")
-    defaults = {spec.name: spec.default for spec in fields(TrainingArguments)}
     for name, help_text in COMMON_TRAINER_FLAGS.items():
         default = getattr(defaults[name], "value", defaults[name])
-        lines.append(entry(name, help_text, None if name == "output_dir" else default))
+        lines.append(format_flag(name, help_text, None if name == "output_dir" else default))
     return "\n".join(lines)
 
 
@@ -557,7 +545,10 @@ def format_final_evaluation(metrics: dict[str, float], output_dir: str) -> str:
     With fewer than 5 classes the second column is top-k for k = the number of classes, as the metrics are.
     """
     k = max((k for k in range(2, 6) for head in HEADS if metric_key(head, k, "eval_") in metrics), default=5)
-    rows = [f"final evaluation ({output_dir}/eval_results.json):", f"  {'head':<8}{'top-1':>8}{f'top-{k}':>8}"]
+    rows = [
+        f"final evaluation ({output_dir}/eval_results.json):",
+        f"  {'head':<8}{'top-1':>8}{f'top-{k}':>8}",
+    ]
     for head in HEADS:
         top1, topk = metrics.get(metric_key(head, 1, "eval_")), metrics.get(metric_key(head, k, "eval_"))
         if top1 is not None:
@@ -572,9 +563,7 @@ def interrupted_message(output_dir: str) -> str:
     checkpoint = last_complete_checkpoint(output_dir) if os.path.isdir(output_dir) else None
     if checkpoint is None:
         return f"interrupted; no checkpoint was saved in {output_dir}, so the run cannot be resumed."
-    return (
-        f"interrupted; checkpoint at {checkpoint}: resume with the same command and --resume_from_checkpoint true."
-    )
+    return f"interrupted; checkpoint at {checkpoint}: resume with the same command and --resume_from_checkpoint true."
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
