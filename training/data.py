@@ -11,18 +11,27 @@ from __future__ import annotations
 import gzip
 import hashlib
 import io
+import logging
 import os
+import re
 import shutil
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from PIL import Image
 
 # One conversion for training, eval and the shipped pipeline; re-exported here as part of the data API.
 from deit_distill.modeling_deit_distill.pipeline_deit_distill import to_rgb
+
+from .errors import UserError
+
+logger = logging.getLogger(__name__)
 
 FASHION_MNIST = "fashion_mnist"
 # Debian package `dataset-fashion-mnist`; the embedded default so the demo and tests run offline.
@@ -46,6 +55,28 @@ EVAL_SPLIT_CANDIDATES = ("validation", "valid", "val", "test")
 # The label of an image without one: `datasets.ClassLabel`'s value for a missing label. The collator and the
 # loss mask the label term of these images, which then train through the distillation term alone.
 UNLABELED = -1
+# Data files read with `datasets`' builder of that name.
+TABLE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+ACCEPTED_SOURCES = (
+    "a folder of images (one sub-folder per class), a .csv/.json/.jsonl/.parquet file or a folder of them "
+    "(train/validation/test files named by split), a save_to_disk folder, 'fashion_mnist' or a Hub dataset id"
+)
+# Obvious column names, tried (case-insensitively) when --image_column / --label_column are not given.
+IMAGE_COLUMN_NAMES = (
+    "image",
+    "img",
+    "image_path",
+    "image_file",
+    "path",
+    "filepath",
+    "file_path",
+    "file",
+    "filename",
+    "file_name",
+    "picture",
+    "photo",
+)
+LABEL_COLUMN_NAMES = ("label", "labels", "class", "class_name", "category", "target")
 
 
 class CorruptImageError(ValueError):
@@ -58,63 +89,74 @@ def load_image_dataset(
     config_name: str | None = None,
     train_split: str = "train",
     eval_split: str | None = None,
-    image_column: str = "image",
-    label_column: str = "label",
+    image_column: str | None = None,
+    label_column: str | None = None,
     train_subset: int | None = None,
     eval_subset: int | None = None,
     eval_fraction: float = 0.1,
     seed: int = 0,
     cache_dir: str | None = None,
+    allow_classes_without_training_images: bool = False,
 ) -> datasets.DatasetDict:
     """Load an image-classification dataset with splits "train" and "validation".
 
     Args:
-        source: "fashion_mnist" (read from the Debian package `dataset-fashion-mnist`, no network), a local
-            directory (of images, one sub-folder per class, or of data files such as parquet), or a Hub
-            dataset id.
+        source: Anything `load_source` reads: "fashion_mnist", a folder of images (one sub-folder per class),
+            a CSV/JSON/JSONL/parquet file or a folder of them, a `save_to_disk` folder or a Hub dataset id.
         config_name: Hub dataset configuration.
         train_split: Split used for training.
         eval_split: Split used for evaluation. By default the first of "validation", "valid", "val", "test"
             that exists; without any, `eval_fraction` of the training split is held out (stratified by label,
             fixed by `seed`).
-        image_column, label_column: Column names in the source; renamed to "image" and "label".
+        image_column, label_column: Column names in the source, renamed to "image" and "label"; `None` picks
+            the obvious one (`pick_column`). An image column may hold images, image bytes or file paths
+            (relative paths are read against the data file's folder).
         train_subset, eval_subset: Keep this many examples of each split, stratified by label and fixed by
             `seed` (for quick runs).
         eval_fraction: Share of the training split held out when the source has no evaluation split.
         seed: Seed of the held-out split and of the subsets.
         cache_dir: Cache directory for `datasets` (and for the converted Fashion-MNIST).
+        allow_classes_without_training_images: Keep classes that have no training image (with a warning)
+            rather than refusing them.
 
     Returns:
         The splits; its `eval_split_used` attribute names the source of "validation" (e.g. "test", or
         "train (held out 10%)"), and `unpicked_train` holds the training rows that `train_subset` left out
         (`None` without a subset), which can serve as unlabelled images (`with_unlabeled`).
+
+    Raises:
+        UserError: The source cannot be read as an image-classification dataset; the message names the
+            source, what is wrong and the flag that fixes it.
     """
-    if source == FASHION_MNIST:
-        raw = _load_fashion_mnist(FASHION_MNIST_DIR, cache_dir)
-    else:
-        # A local folder of images loads as `imagefolder` (labels from sub-folder names), a folder of
-        # parquet/csv/... with the matching builder, anything else as a Hub dataset id.
-        raw = datasets.load_dataset(source, config_name, cache_dir=cache_dir)
+    raw = load_source(source, config_name=config_name, cache_dir=cache_dir, image_column=image_column)
 
     if train_split not in raw:
-        raise ValueError(
-            f"{source!r} has no split {train_split!r}; available splits: {list(raw)}. Set --train_split."
+        raise UserError(
+            f"--dataset_name {source}: no split {train_split!r}; available splits: {list(raw)}. Set --train_split."
         )
     if eval_split is None:
         eval_split = next(
             (name for name in EVAL_SPLIT_CANDIDATES if name in raw and name != train_split), None
         )
     elif eval_split not in raw:
-        raise ValueError(
-            f"{source!r} has no split {eval_split!r}; available splits: {list(raw)}. Set --eval_split."
+        raise UserError(
+            f"--dataset_name {source}: no split {eval_split!r}; available splits: {list(raw)}. Set --eval_split."
         )
 
     splits = {"train": raw[train_split]}
     if eval_split is not None:
         splits["validation"] = raw[eval_split]
+    if not len(splits["train"]):
+        raise UserError(f"--dataset_name {source}: the {train_split} split has no rows.")
+    train_columns = splits["train"].column_names
+    if label_column is None and raw.kind == "imagefolder" and "label" not in train_columns:
+        raise UserError(f"--dataset_name {source}: {_class_folder_problem(Path(os.path.expanduser(source)))}")
+    image_column = pick_column(splits["train"], "image", image_column, source)
+    label_column = pick_column(splits["train"], "label", label_column, source, exclude=image_column)
     for name, dataset in splits.items():
         splits[name] = _canonical_columns(dataset, image_column, label_column, source, name)
-    splits = _as_class_labels(splits)
+    splits = _as_class_labels(splits, source, label_column, raw.kind, allow_classes_without_training_images)
+    absent = set(_classes_without_rows(splits["train"]))  # allowed above
 
     if "validation" not in splits:
         if not 0.0 < eval_fraction < 1.0:
@@ -130,6 +172,14 @@ def load_image_dataset(
         splits["train"] = full_train.select(picked)
         unpicked = full_train.select(np.setdiff1d(np.arange(len(full_train)), picked))
     splits["validation"] = _subset(splits["validation"], eval_subset, seed)
+    lost = [name for name in _classes_without_rows(splits["train"]) if name not in absent]
+    if lost:
+        logger.warning(
+            "The training subset (--max_train_samples %s, or the held-out share) has no image of %d classes: %s.",
+            train_subset,
+            len(lost),
+            _shorten(", ".join(lost)),
+        )
     result = datasets.DatasetDict(splits)
     # Where "validation" came from, for the run record and the card (the split objects do not keep it).
     result.eval_split_used = eval_split or f"{train_split} (held out {eval_fraction:.0%})"
@@ -142,7 +192,7 @@ def load_unlabeled_images(
     *,
     config_name: str | None = None,
     split: str = "train",
-    image_column: str = "image",
+    image_column: str | None = None,
     subset: int | None = None,
     seed: int = 0,
     cache_dir: str | None = None,
@@ -150,58 +200,383 @@ def load_unlabeled_images(
     """Images without labels, as a dataset with one `image` column.
 
     Args:
-        source: "fashion_mnist", a local folder (of images, flat or in sub-folders, whose names are ignored; or
-            of data files) or a Hub dataset id.
+        source: Anything `load_source` reads; a folder of images may be flat or in sub-folders, whose names
+            are ignored.
         split, image_column, config_name, cache_dir: As in `load_image_dataset`.
         subset: Keep this many images, drawn at random (fixed by `seed`).
     """
-    if source == FASHION_MNIST:
-        raw = _load_fashion_mnist(FASHION_MNIST_DIR, cache_dir)
-    elif os.path.isdir(os.path.expanduser(source)) and _holds_images_only(os.path.expanduser(source)):
-        # `drop_labels`: sub-folder names are not labels here (and a flat folder has none).
-        raw = datasets.load_dataset(
-            "imagefolder", data_dir=os.path.expanduser(source), drop_labels=True, cache_dir=cache_dir
-        )
-    else:
-        raw = datasets.load_dataset(source, config_name, cache_dir=cache_dir)
+    flag = "--unlabeled_dataset"
+    raw = load_source(
+        source,
+        config_name=config_name,
+        cache_dir=cache_dir,
+        image_column=image_column,
+        drop_labels=True,
+        flag=flag,
+    )
     if split not in raw:
-        raise ValueError(
-            f"{source!r} has no split {split!r}; available splits: {list(raw)}. Set --unlabeled_split."
+        raise UserError(
+            f"{flag} {source}: no split {split!r}; available splits: {list(raw)}. Set --unlabeled_split."
         )
     dataset = raw[split]
-    if image_column not in dataset.column_names:
-        raise ValueError(
-            f"Split {split!r} of {source!r} has no column {image_column!r}; available columns: "
-            f"{dataset.column_names}. Set --unlabeled_image_column."
-        )
-    dataset = dataset.select_columns([image_column]).rename_columns({image_column: "image"})
+    column = pick_column(
+        dataset, "image", image_column, source, flag="--unlabeled_image_column", source_flag=flag
+    )
+    dataset = dataset.select_columns([column]).rename_columns({column: "image"})
     if dataset.features["image"] != datasets.Image():
         dataset = dataset.cast_column("image", datasets.Image())
+    _check_image_paths(dataset, source, split, flag)
     return random_subset(dataset, subset, seed)
+
+
+# ---------------------------------------------------------------- the one loader of every kind of source
+
+
+class SourceSplits(datasets.DatasetDict):
+    """A source's splits as read, before columns are picked; `kind` says what the source was."""
+
+    kind: str = "hub"
+
+
+def source_kind(source: str, flag: str = "--dataset_name") -> str:
+    """What `source` names: "fashion_mnist", "table" (a data file), "tables" (a folder of data files),
+    "saved" (a `save_to_disk` folder), "imagefolder" or "hub" (anything that is not a local path).
+
+    Raises:
+        UserError: `source` is a local file or folder of none of these kinds.
+    """
+    return _classify(source, flag)[0]
+
+
+def load_source(
+    source: str,
+    *,
+    config_name: str | None = None,
+    cache_dir: str | None = None,
+    image_column: str | None = None,
+    drop_labels: bool = False,
+    flag: str = "--dataset_name",
+) -> SourceSplits:
+    """Every split of `source`, read with the `datasets` loader its kind calls for (`source_kind`).
+
+    Data files are read with `datasets`' csv/json/parquet builders, split by their names as `datasets` does
+    ("train", "validation"/"valid"/"val"/"dev", "test"/"eval", in the file or folder name; a lone file is the
+    train split). Relative paths in the image column (`image_column`, or the one `pick_column` finds) are read
+    against the folder of the file that holds them (of the folder, for a `save_to_disk` dataset). Nothing here
+    opens an image.
+
+    Args:
+        drop_labels: For a folder of images, ignore sub-folder names (unlabelled images).
+        flag: The flag that named `source`, for error messages.
+    """
+    kind, contents = _classify(source, flag)
+    path = Path(os.path.expanduser(source))
+    if kind == FASHION_MNIST:
+        splits = _load_fashion_mnist(FASHION_MNIST_DIR, cache_dir)
+    elif kind == "table":
+        splits = _load_tables({"train": [path]}, source, image_column, cache_dir, flag)
+    elif kind == "tables":
+        files = _tables_by_split(path, contents.tables, source, flag)
+        splits = _load_tables(files, source, image_column, cache_dir, flag)
+    elif kind == "saved":
+        saved = datasets.load_from_disk(str(path))
+        saved = saved if isinstance(saved, datasets.DatasetDict) else {"train": saved}
+        splits = {
+            name: _with_paths_resolved(split, image_column, path, source, flag)
+            for name, split in saved.items()
+        }
+    elif kind == "imagefolder":
+        if contents.empty_folders and not drop_labels:
+            raise UserError(
+                f"{flag} {source}: the folder {contents.empty_folders[0]} is empty, so its class would be "
+                "dropped. Add its images or remove it."
+            )
+        # `drop_labels=None` lets `datasets` take labels from the sub-folder names.
+        splits = datasets.load_dataset(
+            "imagefolder", data_dir=str(path), drop_labels=drop_labels or None, cache_dir=cache_dir
+        )
+    else:
+        splits = datasets.load_dataset(source, config_name, cache_dir=cache_dir)
+    result = SourceSplits(splits)
+    result.kind = kind
+    return result
+
+
+def pick_column(
+    dataset: datasets.Dataset,
+    role: str,
+    name: str | None,
+    source: str,
+    *,
+    exclude: str | None = None,
+    flag: str | None = None,
+    source_flag: str = "--dataset_name",
+    log: bool = True,
+) -> str:
+    """The column of `dataset` that holds the images (`role` "image") or the labels ("label").
+
+    `name` given: that column, which must exist. Otherwise the one column with an `Image` (`ClassLabel`)
+    feature, else the one column with an obvious name (`IMAGE_COLUMN_NAMES`, `LABEL_COLUMN_NAMES`); the choice
+    is logged.
+
+    Raises:
+        UserError: No such column, or no single obvious one; the message lists the columns and the flag to set.
+    """
+    flag = flag or f"--{role}_column"
+    columns = [column for column in dataset.column_names if column != exclude]
+    where = f"{source_flag} {source}"
+    if name is not None:
+        if name not in dataset.column_names:
+            raise UserError(
+                f"{where}: no column {name!r}; available columns: {dataset.column_names}. Set {flag}."
+            )
+        return name
+    feature_type = datasets.Image if role == "image" else datasets.ClassLabel
+    typed = [column for column in columns if isinstance(dataset.features[column], feature_type)]
+    known = IMAGE_COLUMN_NAMES if role == "image" else LABEL_COLUMN_NAMES
+    named = [column for column in columns if column.lower() in known]
+    for candidates in ([role] if role in columns else [], typed, named):
+        if len(candidates) == 1:
+            if candidates[0] != role and log:
+                logger.info(
+                    "Reading the %ss from column %r (set %s to choose another).", role, candidates[0], flag
+                )
+            return candidates[0]
+        if len(candidates) > 1:
+            raise UserError(
+                f"{where}: several columns could hold the {role}s ({', '.join(candidates)}); set {flag} to one of "
+                "them."
+            )
+    raise UserError(f"{where}: no {role} column found among the columns {dataset.column_names}; set {flag}.")
+
+
+def _classify(source: str, flag: str) -> tuple[str, _FolderContents | None]:
+    """`source_kind`, with the folder listing it read (`None` unless a folder was listed)."""
+    if source == FASHION_MNIST:
+        return FASHION_MNIST, None
+    path = Path(os.path.expanduser(source))
+    if path.is_file():
+        if path.suffix.lower() in TABLE_BUILDERS:
+            return "table", None
+        raise UserError(
+            f"{flag} {source}: a {path.suffix or 'extension-less'} file, not a data file. {flag} takes "
+            f"{ACCEPTED_SOURCES}."
+        )
+    if not path.is_dir():
+        return "hub", None
+    if _is_saved_dataset(path):
+        return "saved", None
+    contents = _list_folder(path)
+    if contents.tables:
+        return "tables", contents
+    if contents.images:
+        return "imagefolder", contents
+    found = f"files such as {', '.join(contents.others[:3])}" if contents.others else "no files"
+    raise UserError(
+        f"{flag} {source}: a folder with neither images nor data files ({found}). {flag} takes {ACCEPTED_SOURCES}."
+    )
+
+
+@dataclass
+class _FolderContents:
+    tables: list[Path]  # data files (metadata.* aside: an imagefolder's own)
+    images: list[Path]
+    others: list[str]  # names of other files
+    empty_folders: list[Path]
+
+
+def _list_folder(root: Path) -> _FolderContents:
+    """The files under `root` by kind (hidden files and folders aside), in one walk that opens nothing."""
+    image_extensions = datasets.packaged_modules.imagefolder.ImageFolder.EXTENSIONS
+    contents = _FolderContents([], [], [], [])
+    for folder, subfolders, files in os.walk(root):
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        files = sorted(name for name in files if not name.startswith("."))
+        if not subfolders and not files and Path(folder) != root:
+            contents.empty_folders.append(Path(folder))
+        for name in files:
+            suffix = os.path.splitext(name)[1].lower()
+            if suffix in TABLE_BUILDERS and not name.startswith("metadata."):
+                contents.tables.append(Path(folder, name))
+            elif suffix in image_extensions:
+                contents.images.append(Path(folder, name))
+            elif not name.startswith("metadata."):
+                contents.others.append(name)
+    return contents
+
+
+def _is_saved_dataset(folder: Path) -> bool:
+    """Whether `folder` was written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
+    return (folder / "dataset_dict.json").is_file() or (
+        (folder / "state.json").is_file() and (folder / "dataset_info.json").is_file()
+    )
+
+
+def _tables_by_split(root: Path, tables: list[Path], source: str, flag: str) -> dict[str, list[Path]]:
+    """The data files of each split, named as `datasets` names them (the split's keyword in the file name, or
+    else in a folder name); without any split name, every file is the train split."""
+    builders = sorted({TABLE_BUILDERS[path.suffix.lower()] for path in tables})
+    if len(builders) > 1:
+        raise UserError(
+            f"{flag} {source}: data files of several kinds ({', '.join(builders)}); keep one kind, or name one file."
+        )
+
+    def split_of(path: Path) -> str | None:
+        parts = path.relative_to(root).parts
+        for part in (Path(parts[-1]).stem, *reversed(parts[:-1])):
+            words = set(re.split(r"[-._ 0-9]+", part.lower()))
+            for split, keywords in datasets.data_files.SPLIT_KEYWORDS.items():
+                if words & set(keywords):
+                    return str(split)
+        return None
+
+    named = {path: split_of(path) for path in tables}
+    if not any(named.values()):
+        return {"train": tables}
+    ignored = [str(path.relative_to(root)) for path, split in named.items() if split is None]
+    if ignored:
+        logger.warning(
+            "%s %s: ignoring data files without a split name: %s", flag, source, ", ".join(ignored)
+        )
+    return {
+        split: [path for path, name in named.items() if name == split]
+        for split in ("train", "validation", "test")
+        if split in named.values()
+    }
+
+
+def _load_tables(
+    files_by_split: dict[str, list[Path]],
+    source: str,
+    image_column: str | None,
+    cache_dir: str | None,
+    flag: str,
+) -> dict[str, datasets.Dataset]:
+    """Data files read with `datasets`' builder for their kind, one read per split and folder, so that relative
+    image paths are read against the folder of the file that holds them."""
+    splits = {}
+    for split, files in files_by_split.items():
+        by_folder: dict[Path, list[Path]] = {}
+        for path in files:
+            by_folder.setdefault(path.parent, []).append(path)
+        parts = []
+        for folder, paths in by_folder.items():
+            builder = TABLE_BUILDERS[paths[0].suffix.lower()]
+            try:
+                part = datasets.load_dataset(
+                    builder,
+                    data_files={split: [str(path) for path in paths]},
+                    split=split,
+                    cache_dir=cache_dir,
+                )
+            except Exception as error:  # a file `datasets` cannot parse: name it, with the parser's reason
+                reason = _innermost(error)
+                if "corresponds to no data" in str(reason):  # `datasets`' words for a split of no rows
+                    raise UserError(
+                        f"{flag} {source}: {', '.join(str(path) for path in paths)} holds no rows."
+                    ) from error
+                raise UserError(
+                    f"{flag} {source}: cannot read {', '.join(str(path) for path in paths)} as {builder} "
+                    f"({type(reason).__name__}: {str(reason).splitlines()[0] if str(reason) else 'no detail'})."
+                ) from error
+            parts.append(_with_paths_resolved(part, image_column, folder, source, flag))
+        splits[split] = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    return splits
+
+
+def _innermost(error: BaseException) -> BaseException:
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    return error
+
+
+def _with_paths_resolved(
+    dataset: datasets.Dataset, image_column: str | None, folder: Path, source: str, flag: str
+) -> datasets.Dataset:
+    """`dataset` with the relative file paths of its image column (a column of strings) made absolute against
+    `folder`; anything else unchanged. Paths only: no image is opened."""
+    try:
+        column = pick_column(dataset, "image", image_column, source, source_flag=flag, log=False)
+    except UserError:
+        return dataset  # reported, with the column names, when the columns are picked
+    feature = dataset.features[column]
+    if not (isinstance(feature, datasets.Value) and feature.dtype in _STRING_DTYPES) or not len(dataset):
+        return dataset
+    values = dataset.select_columns([column]).with_format("arrow")[:][column].to_pylist()
+    folder = folder.resolve()
+    resolved = [
+        value if value is None or os.path.isabs(value) or "://" in value else str(folder / value)
+        for value in values
+    ]
+    order = dataset.column_names
+    return dataset.remove_columns(column).add_column(column, resolved).select_columns(order)
+
+
+def _check_image_paths(dataset: datasets.Dataset, source: str, split: str, flag: str) -> None:
+    """Refuse an image column whose file paths all point nowhere (checked on up to 100 evenly spaced rows, so
+    start-up stays independent of the dataset's size); warn when only some do."""
+    if not len(dataset):
+        return
+    rows = np.unique(np.linspace(0, len(dataset) - 1, min(len(dataset), 100)).round().astype(int))
+    stored = dataset.select_columns(["image"]).cast_column("image", datasets.Image(decode=False))
+    values = stored[rows.tolist()]["image"]
+    paths = [
+        value["path"]
+        for value in values
+        if value and value.get("bytes") is None and value.get("path") and "://" not in value["path"]
+    ]
+    missing = [path for path in paths if not os.path.isfile(path)]
+    if paths and len(missing) == len(paths):
+        raise UserError(
+            f"{flag} {source}: none of the {len(paths)} image files checked in the {split} split exists, e.g. "
+            f"{missing[0]}. Relative paths are read against the folder of the data file that holds them: make "
+            "them relative to it, or absolute."
+        )
+    if missing:
+        logger.warning(
+            "%s %s: %d of %d image files checked in the %s split do not exist, e.g. %s; reading them will fail "
+            "(--on_corrupt_image skip drops them).",
+            flag,
+            source,
+            len(missing),
+            len(paths),
+            split,
+            missing[0],
+        )
+
+
+def _class_folder_problem(root: Path) -> str:
+    """Why a folder of images gave no labels: one class folder, or none."""
+    folders = sorted(path.name for path in root.iterdir() if path.is_dir() and not path.name.startswith("."))
+    if len(folders) == 1:
+        return (
+            f"one class folder ({folders[0]}); a classifier needs at least two classes, one sub-folder of "
+            "images per class."
+        )
+    if not folders:
+        return "the images are not in class sub-folders; put them in one sub-folder per class (at least two)."
+    return (
+        f"no class sub-folders found under {', '.join(folders)}; put the images in one sub-folder per class "
+        "(at least two)."
+    )
 
 
 def with_unlabeled(train: datasets.Dataset, unlabeled: datasets.Dataset) -> datasets.Dataset:
     """`train` followed by the `unlabeled` images, labelled `UNLABELED` under `train`'s label feature."""
     if not len(unlabeled):
         return train
-    unlabeled = unlabeled.select_columns(["image"]).add_column("label", [UNLABELED] * len(unlabeled))
-    unlabeled = unlabeled.cast(train.features)
+    # A new column with `train`'s feature rather than a cast, which would rewrite every image's bytes.
+    unlabeled = unlabeled.select_columns(["image"]).add_column(
+        "label", np.full(len(unlabeled), UNLABELED, np.int64), feature=train.features["label"]
+    )
+    if unlabeled.features != train.features:
+        unlabeled = unlabeled.cast(train.features)
     return datasets.concatenate_datasets([train, unlabeled])
 
 
 def count_unlabeled(dataset: datasets.Dataset) -> int:
     """How many examples of `dataset` have no label (`UNLABELED`)."""
     return int((_labels(dataset) == UNLABELED).sum()) if len(dataset) else 0
-
-
-def _holds_images_only(folder: str) -> bool:
-    """Whether every file under `folder` (hidden ones aside) is an image that `imagefolder` reads."""
-    extensions = datasets.packaged_modules.imagefolder.ImageFolder.EXTENSIONS
-    for _, _, files in os.walk(folder):
-        for name in files:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() not in extensions:
-                return False
-    return True
 
 
 def decode_image(value: Any, index: int | None = None) -> Image.Image:
@@ -224,10 +599,14 @@ def decode_image(value: Any, index: int | None = None) -> Image.Image:
             image = Image.open(path)
         else:
             raise ValueError(f"no image bytes or path in {type(value).__name__} value")
+        if not isinstance(value, Image.Image):
+            # PIL warns between its pixel limit and twice it, and raises above: both count as corrupt here, so
+            # that `--on_corrupt_image skip` drops them and the message names the file.
+            _refuse_over_pixel_limit(image)
         # `open` only reads the header; `load` decodes the pixels, where truncated files fail.
         image.load()
         return to_rgb(image)
-    except (OSError, ValueError, SyntaxError) as error:
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         location = [f"index {index}"] if index is not None else []
         if path:
             location.append(f"file {path!r}")
@@ -236,6 +615,15 @@ def decode_image(value: Any, index: int | None = None) -> Image.Image:
             f"{error}. Remove or replace it, or drop corrupt images before training with "
             "scan_images(dataset, on_error='skip')."
         ) from error
+
+
+def _refuse_over_pixel_limit(image: Image.Image) -> None:
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and image.width * image.height > limit:
+        raise Image.DecompressionBombError(
+            f"{image.width}x{image.height} = {image.width * image.height} pixels, over PIL's limit "
+            f"Image.MAX_IMAGE_PIXELS = {limit}"
+        )
 
 
 def scan_images(
@@ -338,51 +726,156 @@ def _canonical_columns(
     dataset: datasets.Dataset, image_column: str, label_column: str, source: str, split: str
 ) -> datasets.Dataset:
     """Keep only the image and label columns, named "image" and "label", with an `Image` feature."""
-    for column, flag in ((image_column, "--image_column"), (label_column, "--label_column")):
-        if column not in dataset.column_names:
-            raise ValueError(
-                f"Split {split!r} of {source!r} has no column {column!r}; available columns: "
-                f"{dataset.column_names}. Set {flag}."
-            )
+    for column, role in ((image_column, "image"), (label_column, "label")):
+        pick_column(dataset, role, column, source)  # refuses a split without the column
     dataset = dataset.select_columns([image_column, label_column])
     dataset = dataset.rename_columns({image_column: "image", label_column: "label"})
     if dataset.features["image"] != datasets.Image():
-        # File paths, or an `Image(decode=False)` column.
+        # File paths, image bytes or an `Image(decode=False)` column: a cast of the stored values, no decoding.
         dataset = dataset.cast_column("image", datasets.Image())
+    _check_image_paths(dataset, source, split, "--dataset_name")
     return dataset
 
 
-def _as_class_labels(splits: dict[str, datasets.Dataset]) -> dict[str, datasets.Dataset]:
-    """Give every split the same `ClassLabel` label feature (integer labels get names "0", "1", ...)."""
-    feature = splits["train"].features["label"]
-    if isinstance(feature, datasets.ClassLabel):
-        class_label = feature
-    elif isinstance(feature, datasets.Value) and feature.dtype == "string":
-        values = set().union(*(dataset.unique("label") for dataset in splits.values()))
-        class_label = datasets.ClassLabel(names=sorted(values))
-    elif isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint")):
-        top = max(max(dataset.unique("label")) for dataset in splits.values())
-        class_label = datasets.ClassLabel(names=[str(i) for i in range(top + 1)])
-    else:
-        raise ValueError(f"The label column must hold class indices or names, got {feature}.")
+def _as_class_labels(
+    splits: dict[str, datasets.Dataset],
+    source: str,
+    label_column: str,
+    kind: str,
+    allow_classes_without_training_images: bool,
+) -> dict[str, datasets.Dataset]:
+    """Give every split the training split's `ClassLabel`, and refuse what would train a wrong classifier.
+
+    Class names are the `ClassLabel`'s; else the sorted names found in the training split (any string type); else,
+    for class indices, "0" ... "N-1" up to the largest training index. Refused: fewer than two classes; evaluation
+    labels the training split lacks; classes without a training image, unless allowed (then a warning).
+    """
+    where = f"--dataset_name {source}"
+    class_label = _class_label_of(splits["train"], where, label_column)
     for name, dataset in splits.items():
-        if (
-            isinstance(dataset.features["label"], datasets.ClassLabel)
-            and dataset.features["label"] != class_label
-        ):
-            raise ValueError(
-                f"The {name} split's classes {dataset.features['label'].names} differ from the train split's "
-                f"{class_label.names}; both splits must share one label space."
+        splits[name] = _with_class_label(dataset, class_label, name, where, label_column)
+    names = class_label.names
+    if len(names) < 2:
+        found = f"one class ({names[0]})" if names else "no class"
+        hint = (
+            "put the images in one sub-folder per class"
+            if kind == "imagefolder"
+            else f"check that --label_column ({label_column}) is the column of classes"
+        )
+        raise UserError(f"{where}: the training split has {found}; a classifier needs at least two: {hint}.")
+    without = _classes_without_rows(splits["train"])
+    if without:
+        in_eval = (
+            set(without) - set(_classes_without_rows(splits["validation"]))
+            if "validation" in splits
+            else set()
+        )
+        described = ", ".join(
+            f"{name} (in the eval split only)" if name in in_eval else name for name in without
+        )
+        if not allow_classes_without_training_images:
+            raise UserError(
+                f"{where}: {len(without)} of {len(names)} classes have no training image: {_shorten(described)}. "
+                "Their outputs would never train; add training images for them, remove them, or keep them with "
+                "--allow_classes_without_training_images true."
             )
-        if dataset.features["label"] != class_label:
-            # Casting maps names to indices for string labels, and only relabels the feature for integers.
-            splits[name] = dataset = dataset.cast_column("label", class_label)
-        if len(dataset) and min(dataset.unique("label")) < 0:
-            raise ValueError(
-                f"The {name} split has unlabelled examples (label -1); choose another split with --eval_split "
-                "or --train_split."
-            )
+        logger.warning(
+            "%s: %d of %d classes have no training image (kept, --allow_classes_without_training_images): %s.",
+            where,
+            len(without),
+            len(names),
+            _shorten(described),
+        )
     return splits
+
+
+def _class_label_of(train: datasets.Dataset, where: str, label_column: str) -> datasets.ClassLabel:
+    feature = train.features["label"]
+    if isinstance(feature, datasets.ClassLabel):
+        return feature
+    if _holds_names(feature):
+        names = sorted(str(value) for value in train.unique("label") if value is not None)
+        return datasets.ClassLabel(names=names)
+    if _holds_indices(feature):
+        indices = [value for value in train.unique("label") if value is not None and value >= 0]
+        return datasets.ClassLabel(names=[str(i) for i in range(max(indices, default=-1) + 1)])
+    raise UserError(
+        f"{where}: the label column {label_column!r} holds {feature}, not class names or indices; set "
+        "--label_column to the column of classes."
+    )
+
+
+def _with_class_label(
+    dataset: datasets.Dataset, class_label: datasets.ClassLabel, split: str, where: str, label_column: str
+) -> datasets.Dataset:
+    """`dataset` with its labels as indices into `class_label`; labels outside it are refused, naming them."""
+    feature = dataset.features["label"]
+    name = "training" if split == "train" else "eval"
+    if isinstance(feature, datasets.ClassLabel):
+        if feature.names != class_label.names:
+            raise UserError(
+                f"{where}: the {name} split's classes {_shorten(', '.join(feature.names))} differ from the training "
+                f"split's {_shorten(', '.join(class_label.names))}; both splits must share one label space."
+            )
+        ids = _labels(dataset)
+    else:
+        column = dataset.select_columns(["label"]).with_format("arrow")[:]["label"]
+        if _holds_names(feature):
+            column = pc.cast(column, pa.string())
+            found = pc.index_in(column, value_set=pa.array(class_label.names, pa.string()))
+            unknown = pc.unique(
+                pc.filter(column, pc.and_(pc.is_null(found), pc.is_valid(column)))
+            ).to_pylist()
+        elif _holds_indices(feature):
+            found = pc.cast(column, pa.int64())
+            unknown = [
+                value
+                for value in pc.unique(found).to_pylist()
+                if value is not None and value >= len(class_label.names)
+            ]
+        else:
+            raise UserError(
+                f"{where}: the {name} split's label column {label_column!r} holds {feature}, unlike the training split's."
+            )
+        if unknown:
+            shown = _shorten(", ".join(str(value) for value in sorted(unknown, key=str)))
+            raise UserError(
+                f"{where}: the {name} split has {len(unknown)} label(s) the training split does not have: {shown}. "
+                "Correct or remove those rows (the model can only learn the training split's classes)."
+            )
+        ids = found.fill_null(UNLABELED).to_numpy().astype(np.int64)
+        # A new column rather than a cast: casting rewrites every column, image bytes included.
+        dataset = dataset.remove_columns("label").add_column("label", ids, feature=class_label)
+        dataset = dataset.select_columns(["image", "label"])
+    if len(ids) and ids.min() < 0:
+        raise UserError(
+            f"{where}: the {name} split has rows without a class (label {int(ids.min())}, or empty); remove them, "
+            "or choose another split with --eval_split or --train_split."
+        )
+    return dataset
+
+
+_STRING_DTYPES = ("string", "large_string", "string_view")
+
+
+def _holds_names(feature: Any) -> bool:
+    return isinstance(feature, datasets.Value) and feature.dtype in _STRING_DTYPES
+
+
+def _holds_indices(feature: Any) -> bool:
+    return isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint"))
+
+
+def _classes_without_rows(dataset: datasets.Dataset) -> list[str]:
+    """The class names of `dataset`'s `ClassLabel` that none of its rows has."""
+    names = dataset.features["label"].names
+    labels = _labels(dataset)
+    counts = np.bincount(labels[labels >= 0], minlength=len(names))
+    return [name for name, count in zip(names, counts, strict=True) if not count]
+
+
+def _shorten(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _stratified_indices(labels: np.ndarray, n: int, seed: int) -> np.ndarray:

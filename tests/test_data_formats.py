@@ -1,0 +1,569 @@
+"""A specification of what `--dataset_name` accepts, and of the mistakes it refuses in one line.
+
+Formats: every kind of source (`deit_distill.training.data.load_source`) is written here from the same images
+and labels, loaded from another working directory, and compared with what was written: the pixels (decoded here
+with PIL), the label of every image, and the class-name order. Mistakes: each is refused with a `UserError` whose
+one line names the source and the fix; the main ones also through `deit-distill train`, which then exits with
+status 2, prints that line and no traceback, and creates no output folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from deit_distill.training.arguments import DataArguments, check_data_arguments
+from deit_distill.training.commands.cli import main as cli
+from deit_distill.training.data import CorruptImageError, decode_image, scan_images
+from deit_distill.training.errors import UserError
+
+ROOT = Path(__file__).resolve().parent.parent
+# Named so that the order of first appearance, "zebra", "ant", "moth", is not the sorted order.
+NAMES = ("zebra", "ant", "moth")
+PER_CLASS = {"train": 4, "validation": 2}
+
+
+def pixels(split: str, index: int) -> np.ndarray:
+    """The image written as `index` of `split`: distinct random pixels, 6x5."""
+    seed = (0 if split == "train" else 1000) + index
+    return np.random.default_rng(seed).integers(0, 256, (5, 6, 3), dtype=np.uint8)
+
+
+def png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def digest(array: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
+
+
+def reference(split: str) -> list[tuple[str, str]]:
+    """`(pixel digest, class name)` of every image of `split`, as written."""
+    rows = []
+    for index in range(PER_CLASS[split] * len(NAMES)):
+        rows.append((digest(pixels(split, index)), NAMES[index % len(NAMES)]))
+    return rows
+
+
+def loaded(dataset: datasets.Dataset) -> list[tuple[str, str]]:
+    """`(pixel digest, class name)` of every row of a loaded split, decoded here with PIL."""
+    names = dataset.features["label"].names
+    stored = dataset.cast_column("image", datasets.Image(decode=False))
+    rows = []
+    for value, label in zip(stored["image"], stored["label"], strict=True):
+        data = value["bytes"] if value["bytes"] is not None else Path(value["path"]).read_bytes()
+        rows.append((digest(np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))), names[label]))
+    return rows
+
+
+# ---------------------------------------------------------------- writers: one per format
+
+
+def write_images(root: Path, split: str) -> list[Path]:
+    paths = []
+    for index in range(PER_CLASS[split] * len(NAMES)):
+        path = root / "images" / split / f"{index}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(png(pixels(split, index)))
+        paths.append(path)
+    return paths
+
+
+def label_values(split: str, labels: str) -> list:
+    names = [NAMES[index % len(NAMES)] for index in range(PER_CLASS[split] * len(NAMES))]
+    # Class indices: the position of the name in the sorted names, which is then what the loader must name them.
+    return [sorted(NAMES).index(name) for name in names] if labels == "int" else names
+
+
+def records(root: Path, split: str, labels: str, paths: str) -> list[dict]:
+    """Rows of a data file in `root`: image paths relative to `root` or absolute, and labels."""
+    files = write_images(root, split)
+    shown = [str(path.relative_to(root)) if paths == "relative" else str(path) for path in files]
+    return [
+        {"file": file, "category": label}
+        for file, label in zip(shown, label_values(split, labels), strict=True)
+    ]
+
+
+def arrow_table(rows: list[dict], labels: str) -> pa.Table:
+    label_type = {"int": pa.int64(), "string": pa.string(), "large_string": pa.large_string()}.get(labels)
+    column = [row["category"] for row in rows]
+    label = (
+        pa.array(column, pa.string()).dictionary_encode()
+        if labels == "categorical"
+        else pa.array(column, label_type)
+    )
+    return pa.table({"file": pa.array([row["file"] for row in rows], pa.string()), "category": label})
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def single_file(kind: str):
+    def write(root: Path, labels: str, paths: str) -> Path:
+        rows = records(root, "train", labels, paths)
+        path = root / f"labels.{kind}"
+        if kind == "csv":
+            write_csv(path, rows)
+        elif kind == "json":
+            path.write_text(json.dumps(rows))
+        elif kind == "jsonl":
+            path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        else:
+            pq.write_table(arrow_table(rows, labels), path)
+        return path
+
+    return write
+
+
+def folder_by_split(kind: str):
+    def write(root: Path, labels: str, paths: str) -> Path:
+        for split in PER_CLASS:
+            rows = records(root / "data", split, labels, paths)
+            if kind == "csv":
+                write_csv(root / "data" / f"{split}.csv", rows)
+            else:
+                pq.write_table(arrow_table(rows, labels), root / "data" / f"{split}.parquet")
+        return root / "data"
+
+    return write
+
+
+def image_folder(root: Path, labels: str, paths: str) -> Path:
+    for split in PER_CLASS:
+        for index, name in enumerate(label_values(split, "string")):
+            path = root / "photos" / split / name / f"{index}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(png(pixels(split, index)))
+    return root / "photos"
+
+
+def image_bytes(layout: str):
+    """A parquet file whose image column holds the PNG bytes: raw `binary`, or `{"bytes": ...}` structs."""
+
+    def write(root: Path, labels: str, paths: str) -> Path:
+        count = PER_CLASS["train"] * len(NAMES)
+        data = [png(pixels("train", index)) for index in range(count)]
+        images = (
+            pa.array(data, pa.binary())
+            if layout == "raw"
+            else pa.array([{"bytes": value} for value in data], pa.struct([("bytes", pa.binary())]))
+        )
+        label = arrow_table([{"file": "", "category": v} for v in label_values("train", labels)], labels)[
+            "category"
+        ]
+        root.mkdir(parents=True)
+        pq.write_table(pa.table({"image": images, "category": label}), root / "images.parquet")
+        return root / "images.parquet"
+
+    return write
+
+
+def saved(as_dict: bool):
+    def write(root: Path, labels: str, paths: str) -> Path:
+        features = datasets.Features(
+            {
+                "file": datasets.Value("string"),
+                "category": datasets.Value("int64" if labels == "int" else labels),
+            }
+        )
+        splits = {
+            split: datasets.Dataset.from_list(
+                records(root / "saved", split, labels, paths), features=features
+            )
+            for split in (PER_CLASS if as_dict else ["train"])
+        }
+        dataset = datasets.DatasetDict(splits) if as_dict else splits["train"]
+        dataset.save_to_disk(str(root / "saved"))
+        return root / "saved"
+
+    return write
+
+
+FORMATS = {
+    "imagefolder": (image_folder, ["string"], ["none"]),
+    "csv": (single_file("csv"), ["int", "string"], ["relative", "absolute"]),
+    "json": (single_file("json"), ["int", "string"], ["relative", "absolute"]),
+    "jsonl": (single_file("jsonl"), ["int", "string"], ["relative", "absolute"]),
+    "parquet": (
+        single_file("parquet"),
+        ["int", "string", "large_string", "categorical"],
+        ["relative", "absolute"],
+    ),
+    "csv folder": (folder_by_split("csv"), ["int", "string"], ["relative", "absolute"]),
+    "parquet folder": (
+        folder_by_split("parquet"),
+        ["int", "string", "large_string"],
+        ["relative", "absolute"],
+    ),
+    "save_to_disk Dataset": (
+        saved(as_dict=False),
+        ["int", "string", "large_string"],
+        ["relative", "absolute"],
+    ),
+    "save_to_disk DatasetDict": (saved(as_dict=True), ["int", "string"], ["relative", "absolute"]),
+    "raw image bytes": (image_bytes("raw"), ["int", "string", "large_string"], ["none"]),
+    "{'bytes'} image structs": (image_bytes("struct"), ["int", "string"], ["none"]),
+}
+CASES = [
+    pytest.param(kind, labels, paths, id=f"{kind}-{labels}-{paths}")
+    for kind, (_, label_kinds, path_kinds) in FORMATS.items()
+    for labels in label_kinds
+    for paths in path_kinds
+]
+
+
+@pytest.mark.parametrize(("kind", "labels", "paths"), CASES)
+def test_every_format_loads_the_images_and_labels_that_were_written(
+    kind, labels, paths, tmp_path, tmp_path_factory, monkeypatch
+):
+    write, _, _ = FORMATS[kind]
+    source = write(tmp_path / "case", labels, paths)
+    # Loaded from another directory, by a path relative to it: relative image paths must follow the data file.
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    monkeypatch.chdir(elsewhere)
+    dataset = DataArguments(dataset_name=os.path.relpath(source, elsewhere)).load(
+        seed=0, cache_dir=str(tmp_path / "cache")
+    )
+
+    expected_names = ["0", "1", "2"] if labels == "int" else sorted(NAMES)
+    for split in dataset.values():
+        assert split.column_names == ["image", "label"]
+        assert split.features["label"].names == expected_names
+    as_names = (lambda rows: [(d, str(sorted(NAMES).index(n))) for d, n in rows]) if labels == "int" else list
+    got = {name: sorted(loaded(split)) for name, split in dataset.items()}
+    has_eval_split = kind in ("imagefolder", "csv folder", "parquet folder", "save_to_disk DatasetDict")
+    if has_eval_split:
+        assert got == {split: sorted(as_names(reference(split))) for split in PER_CLASS}
+    else:  # one split: 10% of it held out for evaluation
+        assert sorted(got["train"] + got["validation"]) == sorted(as_names(reference("train")))
+        assert len(got["validation"]) == round(0.1 * len(reference("train")))
+
+
+def test_columns_are_found_by_their_obvious_names_and_the_choice_is_logged(tmp_path, caplog):
+    source = single_file("csv")(tmp_path, "string", "relative")
+    with caplog.at_level("INFO", logger="deit_distill.training.data"):
+        dataset = DataArguments(dataset_name=str(source)).load(seed=0, cache_dir=str(tmp_path / "cache"))
+    assert len(dataset["train"]) + len(dataset["validation"]) == 12
+    assert "Reading the images from column 'file' (set --image_column" in caplog.text
+    assert "Reading the labels from column 'category' (set --label_column" in caplog.text
+
+
+def test_the_load_reads_no_image_unless_asked(tmp_path, monkeypatch):
+    """Start-up at scale: without --verify_images (the default) loading opens no image file, not even a corrupt
+    one; that one fails when it is read, naming the file."""
+    source = single_file("csv")(tmp_path, "string", "absolute")
+    corrupt = tmp_path / "images" / "train" / "0.png"
+    corrupt.write_bytes(b"not a png")
+    opened = []
+    original = Image.open
+    monkeypatch.setattr(
+        Image, "open", lambda *args, **kwargs: opened.append(args) or original(*args, **kwargs)
+    )
+    dataset = DataArguments(dataset_name=str(source)).load(seed=0, cache_dir=str(tmp_path / "cache"))
+    assert opened == []
+    rows = datasets.concatenate_datasets([dataset["train"], dataset["validation"]])
+    stored = rows.cast_column("image", datasets.Image(decode=False))["image"]
+    index = next(i for i, value in enumerate(stored) if value["path"] == str(corrupt))
+    with pytest.raises(CorruptImageError, match=f"file '{corrupt}'"):
+        decode_image(stored[index], index)
+
+
+# ---------------------------------------------------------------- mistakes: one line each
+
+
+def load(tmp_path: Path, **arguments) -> datasets.DatasetDict:
+    args = DataArguments(**arguments)
+    check_data_arguments(args)
+    return args.load(seed=0, cache_dir=str(tmp_path / "cache"))
+
+
+def one_line(error: pytest.ExceptionInfo) -> str:
+    message = str(error.value)
+    assert "\n" not in message
+    return message
+
+
+def class_folders(root: Path, classes: dict[str, list[str]]) -> Path:
+    """An imagefolder: `classes` maps each split to its class folders, three images in each."""
+    for split, names in classes.items():
+        for name in names:
+            (root / split / name).mkdir(parents=True)
+            for index in range(3):
+                (root / split / name / f"{index}.png").write_bytes(png(pixels("train", index)))
+    return root
+
+
+def test_a_missing_file(tmp_path):
+    with pytest.raises(UserError) as error:
+        load(tmp_path, dataset_name=str(tmp_path / "data" / "train.csv"))
+    assert one_line(error).startswith(
+        f"--dataset_name {tmp_path / 'data' / 'train.csv'}: no such folder or file."
+    )
+
+
+def test_a_file_of_another_kind(tmp_path):
+    (tmp_path / "notes.txt").write_text("cat.png,cat\n")
+    with pytest.raises(UserError) as error:
+        load(tmp_path, dataset_name=str(tmp_path / "notes.txt"))
+    assert "a .txt file, not a data file. --dataset_name takes a folder of images" in one_line(error)
+
+
+def test_a_folder_of_neither_images_nor_data_files(tmp_path):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "readme.txt").write_text("hi")
+    with pytest.raises(UserError) as error:
+        load(tmp_path, dataset_name=str(tmp_path / "folder"))
+    assert "a folder with neither images nor data files (files such as readme.txt)" in one_line(error)
+
+
+def test_an_empty_csv(tmp_path):
+    (tmp_path / "train.csv").write_text("")
+    with pytest.raises(UserError) as error:
+        load(tmp_path, dataset_name=str(tmp_path / "train.csv"))
+    assert f"cannot read {tmp_path / 'train.csv'} as csv (EmptyDataError" in one_line(error)
+
+
+def test_a_csv_with_a_header_only(tmp_path):
+    (tmp_path / "train.csv").write_text("image,label\n")
+    with pytest.raises(UserError) as error:
+        load(tmp_path, dataset_name=str(tmp_path / "train.csv"))
+    assert (
+        one_line(error) == f"--dataset_name {tmp_path / 'train.csv'}: {tmp_path / 'train.csv'} holds no rows."
+    )
+
+
+def test_a_csv_without_an_image_column(tmp_path):
+    (tmp_path / "train.csv").write_text("name,label\nx,a\ny,b\n")
+    with pytest.raises(UserError) as error:
+        load(tmp_path, dataset_name=str(tmp_path / "train.csv"))
+    assert "no image column found among the columns ['name', 'label']; set --image_column." in one_line(error)
+
+
+def test_two_candidate_image_columns(tmp_path):
+    (tmp_path / "train.csv").write_text("path,file,label\nx,y,a\n")
+    with pytest.raises(UserError) as error:
+        load(tmp_path, dataset_name=str(tmp_path / "train.csv"))
+    assert "several columns could hold the images (path, file); set --image_column" in one_line(error)
+
+
+def test_a_path_column_pointing_at_missing_files(tmp_path):
+    # Paths written relative to the working directory, not to the file's folder: the usual mistake.
+    source = single_file("csv")(tmp_path / "data", "string", "relative")
+    source.write_text(source.read_text().replace("images/", "data/images/"))
+    with pytest.raises(UserError) as error:
+        load(tmp_path, dataset_name=str(source))
+    message = one_line(error)
+    assert (
+        f"none of the 12 image files checked in the train split exists, e.g. {tmp_path}/data/data/images/"
+        in message
+    )
+    assert "Relative paths are read against the folder of the data file" in message
+
+
+def test_a_single_class_folder_is_not_told_to_set_the_label_column(tmp_path):
+    root = class_folders(tmp_path / "cats", {".": ["cat"]})
+    with pytest.raises(UserError) as error:
+        load(tmp_path, dataset_name=str(root))
+    message = one_line(error)
+    assert "one class folder (cat); a classifier needs at least two classes" in message
+    assert "--label_column" not in message
+
+
+def test_a_single_class_in_a_csv(tmp_path):
+    rows = records(tmp_path, "train", "string", "relative")
+    write_csv(tmp_path / "train.csv", [{**row, "category": "cat"} for row in rows])
+    with pytest.raises(UserError) as error:
+        load(tmp_path, dataset_name=str(tmp_path / "train.csv"))
+    assert "the training split has one class (cat); a classifier needs at least two" in one_line(error)
+
+
+def test_a_class_only_in_the_validation_folder_is_refused_unless_kept(tmp_path, caplog):
+    root = class_folders(tmp_path / "pets", {"train": ["cat", "dog"], "validation": ["cat", "dog", "fox"]})
+    with pytest.raises(UserError) as error:
+        load(tmp_path, dataset_name=str(root))
+    assert (
+        "1 of 3 classes have no training image: fox (in the eval split only). Their outputs would never train"
+        in one_line(error)
+    )
+    assert "--allow_classes_without_training_images true" in str(error.value)
+
+    with caplog.at_level("WARNING"):
+        dataset = load(tmp_path, dataset_name=str(root), allow_classes_without_training_images=True)
+    assert dataset["train"].features["label"].names == ["cat", "dog", "fox"]
+    assert sorted(set(dataset["validation"]["label"])) == [0, 1, 2]
+    assert "1 of 3 classes have no training image (kept" in caplog.text
+
+
+def test_class_indices_without_training_images(tmp_path):
+    rows = records(tmp_path, "train", "int", "relative")
+    write_csv(tmp_path / "train.csv", [{**row, "category": 2 * row["category"]} for row in rows])  # 0, 2, 4
+    with pytest.raises(UserError) as error:
+        load(tmp_path, dataset_name=str(tmp_path / "train.csv"))
+    assert "2 of 5 classes have no training image: 1, 3." in one_line(error)
+
+
+@pytest.mark.parametrize("labels", ["string", "int"])
+def test_eval_labels_unknown_to_training(tmp_path, labels):
+    for split in PER_CLASS:
+        rows = records(tmp_path / "data", split, labels, "relative")
+        if split == "validation":
+            rows[0]["category"] = "lion" if labels == "string" else 7
+        write_csv(tmp_path / "data" / f"{split}.csv", rows)
+    with pytest.raises(UserError) as error:
+        load(tmp_path, dataset_name=str(tmp_path / "data"))
+    unknown = "lion" if labels == "string" else "7"
+    assert f"the eval split has 1 label(s) the training split does not have: {unknown}." in one_line(error)
+
+
+def test_every_image_corrupt_with_skip(tmp_path):
+    source = single_file("csv")(tmp_path, "string", "relative")
+    for path in (tmp_path / "images" / "train").iterdir():
+        path.write_bytes(b"not an image")
+    with pytest.raises(UserError) as error:
+        load(tmp_path, dataset_name=str(source), on_corrupt_image="skip")
+    assert one_line(error) == (
+        f"--dataset_name {source}: all 11 images of the train split are corrupt (--on_corrupt_image skip dropped "
+        "every one); check that the files are images."
+    )
+
+
+def test_an_image_over_the_pixel_limit_is_corrupt_and_skipped(tmp_path, monkeypatch):
+    root = class_folders(tmp_path / "pets", {".": ["cat", "dog"]})
+    big = np.zeros((12, 12, 3), np.uint8)  # 144 pixels: over the limit of 100 (PIL warns), and over twice 60
+    (root / "cat" / "big.png").write_bytes(png(big))
+    dataset = load(tmp_path, dataset_name=str(root))
+    train = datasets.concatenate_datasets([dataset["train"], dataset["validation"]])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(CorruptImageError, match=rf"file '{root / 'cat' / 'big.png'}'.*over PIL's limit"):
+        scan_images(train, on_error="raise")
+    clean, skipped = scan_images(train, on_error="skip")
+    assert (skipped, len(clean)) == (1, 6)
+    monkeypatch.setattr(
+        Image, "MAX_IMAGE_PIXELS", 60
+    )  # over twice the limit: PIL's own DecompressionBombError
+    with pytest.raises(
+        CorruptImageError, match=rf"file '{root / 'cat' / 'big.png'}'.*DecompressionBombError"
+    ):
+        scan_images(train, on_error="raise")
+
+
+# ---------------------------------------------------------------- through the command line
+
+TINY = [
+    "--config_overrides", "patch_size=8,hidden_size=16,num_hidden_layers=1,num_attention_heads=2",
+    "--image_size", "16",
+    "--max_steps", "1",
+    "--per_device_train_batch_size", "4",
+    "--distillation_type", "none",
+    "--use_cpu", "true",
+    "--report_to", "none",
+    "--save_strategy", "no",
+    "--disable_tqdm", "true",
+]  # fmt: skip
+
+
+def mistakes(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    """Flags of a mistaken `train`, and the part of its one line that names the mistake."""
+    single = class_folders(tmp_path / "cats", {".": ["cat"]})
+    only_in_eval = class_folders(
+        tmp_path / "pets", {"train": ["cat", "dog"], "validation": ["cat", "dog", "fox"]}
+    )
+    corrupt = single_file("csv")(tmp_path / "corrupt", "string", "relative")
+    for path in (tmp_path / "corrupt" / "images" / "train").iterdir():
+        path.write_bytes(b"not an image")
+    return {
+        "missing file": (["--dataset_name", str(tmp_path / "data/train.csv")], "no such folder or file"),
+        "single class folder": (["--dataset_name", str(single)], "one class folder (cat)"),
+        "class only in eval": (["--dataset_name", str(only_in_eval)], "have no training image: fox"),
+        "all corrupt, skip": (
+            ["--dataset_name", str(corrupt), "--on_corrupt_image", "skip"],
+            "all 11 images of the train split are corrupt",
+        ),
+    }
+
+
+@pytest.mark.parametrize(
+    "mistake", ["missing file", "single class folder", "class only in eval", "all corrupt, skip"]
+)
+def test_train_refuses_the_mistake_in_one_line_before_writing(tmp_path, capsys, mistake):
+    flags, named = mistakes(tmp_path)[mistake]
+    output_dir = tmp_path / "run"
+    assert cli(["train", *TINY, *flags, "--output_dir", str(output_dir)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("deit-distill: error: --dataset_name ") and named in err[-1], err
+    assert not any(line.startswith("Traceback") for line in err)
+    assert not output_dir.exists()
+
+
+def run_cli(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "deit_distill.training.commands.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=cwd,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mistake", ["single class folder", "all corrupt, skip"])
+def test_a_train_process_exits_with_one_line_and_no_traceback(tmp_path, mistake):
+    flags, named = mistakes(tmp_path)[mistake]
+    result = run_cli(["train", *TINY, *flags, "--output_dir", str(tmp_path / "run")], cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("deit-distill: error: ")
+    assert named in result.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_the_readme_csv_example_trains_and_evaluates_from_another_directory(tmp_path):
+    """The README's CSV example, as written (`data/train.csv` of paths relative to it, string labels), then
+    `eval RUN_DIR` from another working directory."""
+    project = tmp_path / "project"
+    rows = records(project / "data", "train", "string", "relative")
+    write_csv(project / "data" / "train.csv", [{"filepath": r["file"], "label": r["category"]} for r in rows])
+    trained = run_cli(
+        [
+            "train",
+            "--dataset_name",
+            "data/train.csv",
+            "--image_column",
+            "filepath",
+            *TINY,
+            "--output_dir",
+            "runs/csv",
+        ],
+        cwd=project,
+    )
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    run_dir = project / "runs" / "csv"
+    evaluated = run_cli(["eval", str(run_dir)], cwd=tmp_path)
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    assert json.loads((run_dir / "config.json").read_text())["id2label"] == {
+        "0": "ant",
+        "1": "moth",
+        "2": "zebra",
+    }
