@@ -22,8 +22,10 @@ import httpx2
 from huggingface_hub import CommitInfo, CommitOperationAdd, CommitOperationDelete, HfApi, get_token
 from huggingface_hub.errors import HfHubHTTPError
 
+from deit_distill.training.run_record import SavedRun
+
 from .card import render_card_files
-from .run import CONFIG_FILE, PREPROCESSOR_FILE, Run, code_files, read_run, weight_files
+from .run import CONFIG_FILE, PREPROCESSOR_FILE, code_files, weight_files
 
 ONNX_FOLDER = "onnx"  # where `with_onnx` puts the exported files in the repo
 NO_TOKEN_MESSAGE = (
@@ -72,7 +74,7 @@ def push_run(
             raise ValueError(
                 f"push_native={push_native!r} is where the model itself goes; name another branch or repo."
             )
-    run = read_run(run_dir)
+    run = SavedRun.read(run_dir)
     code = code_files(run)
     model_files = {
         name: run.path / name for name in [CONFIG_FILE, *weight_files(run), *code, PREPROCESSOR_FILE]
@@ -129,7 +131,7 @@ def push_run(
     return PushResult(str(repo_url), commit.commit_url, native_commit.commit_url if native_commit else None)
 
 
-def _stage_native_copy(run: Run, staging: Path) -> dict[str, Path | bytes]:
+def _stage_native_copy(run: SavedRun, staging: Path) -> dict[str, Path | bytes]:
     """Convert with the model package's exporters into `staging`: transformers' DeiT-with-teacher, or ViT for a
     model without the distillation token."""
     from deit_distill.modeling_deit_distill import (
@@ -147,7 +149,7 @@ def _stage_native_copy(run: Run, staging: Path) -> dict[str, Path | bytes]:
     }
 
 
-def _stage_onnx(run: Run, folder: Path) -> dict[str, Path]:
+def _stage_onnx(run: SavedRun, folder: Path) -> dict[str, Path]:
     """`deit-distill export`'s files for the run's model (with a dynamic int8 copy) in `folder`, keyed by their
     path in the repo. Runs before any request, so a missing onnx extra or a failed check stops the push."""
     from transformers import AutoImageProcessor, AutoModelForImageClassification

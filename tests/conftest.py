@@ -22,97 +22,6 @@ from hub_server import HubServer  # tests/ is on sys.path (pytest puts a conftes
 # huggingface_hub reads HF_ENDPOINT and HF_HUB_OFFLINE when it is imported, and the test session may have imported it
 # already, so every Hub client runs in a subprocess whose environment points at the server.
 
-RUN_INFO = {
-    "model": {
-        "architecture": "DeiTDistillForImageClassification",
-        "variant": "tiny",
-        "num_parameters": 5717416,
-        "started_from": "facebook/deit-tiny-distilled-patch16-224",
-        "start_format": "transformers",
-    },
-    "data": {
-        "dataset_name": "uoft-cs/cifar10",
-        "dataset_config": "plain_text",
-        "train_split": "train",
-        "eval_split": "test",
-        "eval_split_used": "test",
-        "seed": 1234,
-        "num_train_examples": 50000,
-        "num_eval_examples": 10000,
-        "augmentation": "deit",
-        "mixup": 0.8,
-        "cutmix": 1.0,
-        "label_smoothing": 0.1,
-    },
-    "distillation": {
-        "distillation_type": "hard",
-        "alpha": 0.5,
-        "tau": 1.0,
-        "kl_reduction": "numel",
-        "teacher": "edadaltocg/resnet18_cifar10",
-    },
-    "training": {
-        "learning_rate": 0.0005,
-        "per_device_train_batch_size": 128,
-        "gradient_accumulation_steps": 2,
-        "world_size": 2,
-        "global_batch_size": 512,
-        "epochs": 20.0,
-        "steps": 1960,
-        "weight_decay": 0.05,
-        "warmup_ratio": 0.25,
-        "lr_scheduler_type": "cosine",
-        "optimizer": "adamw_torch",
-        "seed": 1234,
-        "mixed_precision": "bf16",
-    },
-    "card": {
-        "base_model": "facebook/deit-tiny-distilled-patch16-224",
-        "dataset_id": "uoft-cs/cifar10",
-        "teacher_id": "edadaltocg/resnet18_cifar10",
-    },
-    "hardware": "2x NVIDIA H100 80GB",
-    "license": "apache-2.0",
-}
-EVAL_RESULTS = {
-    "eval_cls_top1": 0.6312,
-    "eval_cls_top5": 0.9571,
-    "eval_dist_top1": 0.6455,
-    "eval_dist_top5": 0.9602,
-    "eval_avg_top1": 0.6433,
-    "eval_avg_top5": 0.9615,
-    "eval_teacher_top1": 0.884,
-    "eval_teacher_top5": 0.9952,
-    "eval_agreement": 0.6721,
-    "eval_loss": 1.0432,
-}
-LOG_HISTORY = [
-    {
-        "loss": 2.31,
-        "learning_rate": 0.0001,
-        "step": 10,
-        "epoch": 0.5,
-        "base_loss": 2.3,
-        "distillation_loss": 2.32,
-    },
-    {
-        "loss": 1.97,
-        "learning_rate": 0.0005,
-        "step": 20,
-        "epoch": 1.0,
-        "base_loss": 1.9,
-        "distillation_loss": 2.04,
-    },
-    {
-        "eval_loss": 1.8,
-        "eval_avg_top1": 0.31,
-        "eval_cls_top1": 0.3,
-        "eval_dist_top1": 0.32,
-        "step": 20,
-        "epoch": 1.0,
-    },
-    {"train_runtime": 12.5, "train_loss": 2.1, "step": 20, "epoch": 1.0},
-]
 LABELS = ["cat", "dog", "fox"]
 
 
@@ -210,30 +119,108 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+# A real tiny run: 64 Fashion-MNIST images, 2 steps, a one-block student (warmup given as a ratio, as a recipe may).
+TINY_RUN = [
+    "--max_train_samples", "64",
+    "--max_eval_samples", "32",
+    "--image_size", "28",
+    "--crop_pct", "1.0",
+    "--augmentation", "none",
+    "--mixup", "0",
+    "--cutmix", "0",
+    "--per_device_train_batch_size", "32",
+    "--per_device_eval_batch_size", "32",
+    "--max_steps", "2",
+    "--logging_steps", "1",
+    "--warmup_steps", "0.1",
+    "--use_cpu", "true",
+    "--report_to", "none",
+    "--save_strategy", "no",
+    "--disable_tqdm", "true",
+]  # fmt: skip
+TINY_TEACHER = [
+    "--architecture",
+    "resnet",
+    "--config_overrides",
+    "embedding_size=8,hidden_sizes=[8,16],depths=[1,1]",
+]
+TINY_STUDENT = [
+    "--config_overrides", "patch_size=7,hidden_size=24,num_hidden_layers=1,num_attention_heads=2",
+    "--drop_path_rate", "0",
+]  # fmt: skip
+CARD_TEACHER_ID, CARD_BASE_MODEL = "test-user/resnet-teacher", "facebook/deit-tiny-patch16-224"
+
+
 @pytest.fixture(scope="session")
-def make_run(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
-    """`make_run(name, info=..., metrics=..., log_history=...)`: a run directory holding the tiny model, the run
-    files (a value of None leaves that file out) and what training leaves beside them (a checkpoint, arguments)."""
+def trained_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Run directories written by `train` itself, a few seconds in all: `teacher` (a convnet, no distillation),
+    `student` (hard distillation from the local teacher), `cache` (the teacher's outputs, `cache-teacher`) and
+    `cached` (soft distillation from the cache, with `--card_teacher_id` and `--card_base_model`)."""
+    from deit_distill.training.commands.cache_teacher import main as cache_teacher
+    from deit_distill.training.commands.train import main as train
+
+    root = tmp_path_factory.mktemp("trained_runs")
+    runs = {name: root / name for name in ("teacher", "student", "cache", "cached")}
+    train([*TINY_TEACHER, *TINY_RUN, "--distillation_type", "none", "--output_dir", str(runs["teacher"])])
+    teacher = ["--teacher", str(runs["teacher"])]
+    train(
+        [
+            *TINY_STUDENT,
+            *TINY_RUN,
+            *teacher,
+            "--distillation_type",
+            "hard",
+            "--output_dir",
+            str(runs["student"]),
+        ]
+    )
+    soft = [*TINY_STUDENT, *TINY_RUN, "--distillation_type", "soft"]
+    cache_teacher([*soft, *teacher, "--teacher_cache", str(runs["cache"])])
+    train(
+        [
+            *soft,
+            "--teacher_cache", str(runs["cache"]),
+            "--output_dir", str(runs["cached"]),
+            "--card_teacher_id", CARD_TEACHER_ID,
+            "--card_base_model", CARD_BASE_MODEL,
+        ]
+    )  # fmt: skip
+    return runs
+
+
+_KEEP: Any = object()
+
+
+@pytest.fixture(scope="session")
+def make_run(trained_runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """`make_run(name, source="student", metrics=..., log_history=..., info=...)`: a copy of a real run
+    (`trained_runs[source]`) with what training leaves beside the model (arguments, a checkpoint). By default
+    every file is the run's own; a dict replaces `eval_results.json` / the log / `deit_distill_run.json`, None
+    removes it."""
 
     def make(
         name: str = "run",
         *,
-        info: dict | None = RUN_INFO,
-        metrics: dict | None = EVAL_RESULTS,
-        log_history: list | None = LOG_HISTORY,
+        source: str = "student",
+        info: dict | None = _KEEP,
+        metrics: dict | None = _KEEP,
+        log_history: list | None = _KEEP,
     ) -> Path:
-        run = shutil.copytree(tiny_model_dir, tmp_path_factory.mktemp("runs") / name)
+        run = Path(shutil.copytree(trained_runs[source], tmp_path_factory.mktemp("runs") / name))
+        state_file = run / "trainer_state.json"
+        state = json.loads(state_file.read_text())
         files = {
             "deit_distill_run.json": info,
             "eval_results.json": metrics,
-            "trainer_state.json": None
-            if log_history is None
-            else {"log_history": log_history, "global_step": 20},
+            "trainer_state.json": log_history
+            if log_history in (None, _KEEP)
+            else {**state, "log_history": log_history},
         }
         for file, content in files.items():
-            if content is not None:
+            if content is None:
+                (run / file).unlink()
+            elif content is not _KEEP:
                 (run / file).write_text(json.dumps(content, indent=2))
-        (run / "training_args.bin").write_bytes(b"pickled TrainingArguments")
         (run / "checkpoint-10").mkdir()
         (run / "checkpoint-10" / "optimizer.pt").write_bytes(b"optimizer state")
         return run

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, ResNetConfig, ResNetForImageClassification
 
-from deit_distill.model_cards.run import code_files, read_run
+from deit_distill.model_cards.run import code_files
 from deit_distill.modeling_deit_distill import (
     DeiTDistillConfig,
     DeiTDistillForImageClassification,
@@ -27,6 +27,7 @@ from deit_distill.modeling_deit_distill import (
     build_image_processor,
 )
 from deit_distill.training.data import decode_image
+from deit_distill.training.run_record import SavedRun
 from deit_distill.training.transforms import build_eval_transform, with_image_transform
 
 LABELS = ["cat", "dog", "bird", "fish", "frog"]
@@ -266,11 +267,11 @@ def test_training_decode_applies_the_exif_orientation(parity, orientation, turns
 
 def test_attach_pipeline_ships_the_pipeline_file_with_a_convnet(parity):
     # A transformers ResNet has no auto_map: the pipeline module is its only code, and it is what gets pushed.
-    run = read_run(parity.models["resnet"])
+    run = SavedRun.read(parity.models["resnet"])
     assert "auto_map" not in run.config
     assert code_files(run) == ["pipeline_deit_distill.py"]
     assert run.config["custom_pipelines"]["image-classification"]["pt"] == ["AutoModelForImageClassification"]
-    assert "pipeline_deit_distill.py" in code_files(read_run(parity.models["deit"]))
+    assert "pipeline_deit_distill.py" in code_files(SavedRun.read(parity.models["deit"]))
 
 
 def test_attach_pipeline_needs_a_saved_model(tmp_path):

@@ -186,8 +186,17 @@ def test_card_snippets_run_as_written_and_answer_with_label_names(pushed):
 
 def test_pushed_card_loads_with_the_runs_metrics_and_passes_validation(pushed):
     metrics = json.loads((pushed.run / "eval_results.json").read_text())
-    measured = {k: v for k, v in metrics.items() if k.endswith(("top1", "top5"))}
-    assert sorted(pushed.user["eval_results"].values()) == sorted(measured.values())  # validate() ran in USER
+    heads = {
+        "cls": "CLS head",
+        "dist": "DIST head",
+        "avg": "CLS+DIST average",
+    }  # the student's; not the teacher's
+    measured = {
+        f"{name} top-{k} accuracy": metrics[f"eval_{head}_top{k}"]
+        for head, name in heads.items()
+        for k in (1, 5)
+    }
+    assert pushed.user["eval_results"] == measured  # validate() ran in USER
 
 
 def test_successful_push_leaves_the_run_directory_unchanged(pushed):

@@ -35,6 +35,7 @@ import logging
 import math
 import os
 import re
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +44,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .checkpoints import read_json_file
@@ -59,6 +59,8 @@ DATA_DIR = "data"
 DTYPES = {"float16": (np.float16, pa.float16()), "float32": (np.float32, pa.float32())}
 # Metadata sections that fix the views, their order and the teacher's outputs: compared field by field.
 CHECKED_SECTIONS = ("teacher", "labels", "data", "views", "layout")
+# Views per parquet row group: the unit a training process reads (16 MiB at K = 1000 in float16).
+ROW_GROUP_VIEWS = 4096
 _SHARD = re.compile(r"^steps-(\d+)-(\d+)\.parquet$")
 _KEY = {name: column for column, name in enumerate(ViewKey._fields)}
 
@@ -202,39 +204,43 @@ def _pairing_differs(cached: dict[str, Any], run: dict[str, Any]) -> bool:
     return sizes[0] != sizes[1] and any(size % 2 for size in sizes)
 
 
-def expand_top_k(indices: torch.Tensor, log_probs: torch.Tensor, num_classes: int) -> torch.Tensor:
+def expand_top_k(indices: Any, log_probs: Any, num_classes: int) -> torch.Tensor:
     """`(B, C)` log-probabilities from `(B, K)` top-K class ids and log-probabilities (TinyViT's rule).
 
     The K probabilities are kept and `1 - sum(top-K)` is spread evenly over the other `C - K` classes; with
     K = C this is the stored distribution itself. Usable as teacher logits: the loss takes a softmax of them.
+    Built on the host with NumPy (arrays or CPU tensors in, a CPU tensor out): only the K stored entries and one
+    value per row are computed, the rest is a fill.
     """
-    log_probs = log_probs.float()
-    if indices.shape[-1] == num_classes:
-        return torch.empty_like(log_probs).scatter_(-1, indices.long(), log_probs)
-    probs = log_probs.exp()
-    rest = (1.0 - probs.sum(-1, keepdim=True)).clamp_min(0.0) / (num_classes - indices.shape[-1])
-    full = rest.expand(-1, num_classes).clone().scatter_(-1, indices.long(), probs)
-    # A top-K that holds all the mass (in float16) leaves 0 for the rest: keep its log finite.
-    return full.clamp_min(torch.finfo(torch.float32).tiny).log()
-
-
-@dataclasses.dataclass
-class _Epoch:
-    present: np.ndarray  # (N,) bool: whether position p was written
-    index: np.ndarray  # (N,) int64
-    repeat: np.ndarray  # (N,) int64
-    topk_indices: np.ndarray  # (N, K)
-    topk_log_probs: np.ndarray  # (N, K)
+    indices = np.asarray(indices).astype(np.intp, copy=False)
+    log_probs = np.asarray(log_probs, dtype=np.float32)
+    rows = np.arange(len(indices))[:, None]
+    top_k = indices.shape[-1]
+    full = np.empty((len(indices), num_classes), dtype=np.float32)
+    if top_k == num_classes:
+        full[rows, indices] = log_probs
+        return torch.from_numpy(full)
+    # A top-K that holds all the mass (in float16) leaves 0 for the rest: keep the logs finite.
+    tiny = np.finfo(np.float32).tiny
+    probs = np.exp(log_probs)
+    rest = np.maximum(1.0 - probs.sum(-1, keepdims=True), 0.0) / (num_classes - top_k)
+    full[:] = np.log(np.maximum(rest, tiny))
+    full[rows, indices] = np.log(np.maximum(probs, tiny))
+    return torch.from_numpy(full)
 
 
 def _read_shard(file: Path) -> pa.Table:
     try:
         return pq.read_table(file)
     except (pa.ArrowException, OSError) as error:
-        raise UserError(
-            f"teacher cache shard {file} is damaged ({str(error).splitlines()[0][:160]}); delete it and rerun "
-            "the same `deit-distill cache-teacher` command to write it again."
-        ) from error
+        raise _damaged(file, error) from error
+
+
+def _damaged(file: Path, error: Exception) -> UserError:
+    return UserError(
+        f"teacher cache shard {file} is damaged ({str(error).splitlines()[0][:160]}); delete it and rerun "
+        "the same `deit-distill cache-teacher` command to write it again."
+    )
 
 
 def check_shards(directory: Path) -> None:
@@ -244,51 +250,130 @@ def check_shards(directory: Path) -> None:
         try:
             pq.read_metadata(file)
         except (pa.ArrowException, OSError) as error:
-            raise UserError(
-                f"teacher cache shard {file} is damaged ({str(error).splitlines()[0][:160]}); delete it and "
-                "rerun the same `deit-distill cache-teacher` command to write it again."
-            ) from error
+            raise _damaged(file, error) from error
 
 
-def _read_epoch(folder: Path, top_k: int) -> _Epoch:
-    files = sorted(folder.glob("process-*/steps-*.parquet"))
-    if not files:
+@dataclasses.dataclass(frozen=True)
+class _RowGroup:
+    """One parquet row group of a shard and the positions it holds (from the footer's statistics)."""
+
+    file: Path
+    group: int
+    first: int  # smallest position
+    last: int  # largest position
+
+
+def _row_groups(folder: Path) -> list[_RowGroup]:
+    """The row groups of one epoch's shards, by position, read from the footers only."""
+    groups = []
+    for file in sorted(folder.glob("process-*/steps-*.parquet")):
+        try:
+            metadata = pq.read_metadata(file)
+        except (pa.ArrowException, OSError) as error:
+            raise _damaged(file, error) from error
+        column = metadata.schema.to_arrow_schema().get_field_index("position")
+        for group in range(metadata.num_row_groups):
+            stats = metadata.row_group(group).column(column).statistics
+            if stats is None or not stats.has_min_max:  # a writer without statistics: read it whenever asked
+                groups.append(_RowGroup(file, group, 0, np.iinfo(np.int64).max))
+            else:
+                groups.append(_RowGroup(file, group, int(stats.min), int(stats.max)))
+    if not groups:
         raise UserError(f"teacher cache: no shards in {folder}.")
-    table = pa.concat_tables([_read_shard(file) for file in files])
-    position = table.column("position").to_numpy().astype(np.int64)
-    size = int(position.max()) + 1
-    present = np.zeros(size, dtype=bool)
-    present[position] = True
+    return groups
 
-    def scatter(values: np.ndarray) -> np.ndarray:
-        out = np.zeros((size, *values.shape[1:]), dtype=values.dtype)
-        out[position] = values
-        return out
 
-    def lists(name: str) -> np.ndarray:
-        return table.column(name).combine_chunks().flatten().to_numpy().reshape(len(table), top_k)
+@dataclasses.dataclass
+class _Window:
+    """One process's rows of global batches `[first, last)` of an epoch, sorted by position."""
 
-    return _Epoch(
-        present,
-        scatter(table.column("index").to_numpy().astype(np.int64)),
-        scatter(table.column("repeat").to_numpy().astype(np.int64)),
-        scatter(lists("topk_indices")),
-        scatter(lists("topk_log_probs")),
-    )
+    epoch: int
+    first: int
+    last: int
+    offsets: tuple[int, int]  # the process's positions within each global batch: [lo, hi)
+    position: np.ndarray  # (n,) int64, sorted
+    index: np.ndarray  # (n,) int64
+    repeat: np.ndarray  # (n,) int64
+    topk_indices: np.ndarray  # (n, K)
+    topk_log_probs: np.ndarray  # (n, K)
+
+    def covers(self, epoch: int, batch: int, lo: int, hi: int) -> bool:
+        return (
+            epoch == self.epoch
+            and self.first <= batch < self.last
+            and self.offsets[0] <= lo
+            and hi <= self.offsets[1]
+        )
+
+    @property
+    def nbytes(self) -> int:
+        arrays = (self.position, self.index, self.repeat, self.topk_indices, self.topk_log_probs)
+        return sum(array.nbytes for array in arrays)
+
+
+def _read_window(
+    groups: list[_RowGroup],
+    epoch: int,
+    first: int,
+    last: int,
+    offsets: tuple[int, int],
+    batch: int,
+    top_k: int,
+) -> _Window:
+    """Read the rows at positions `b * batch + [lo, hi)` for global batches `b` in `[first, last)`: only the
+    row groups that hold some of them, and keep only those rows."""
+    start, stop = first * batch, last * batch
+    wanted = [group for group in groups if group.first < stop and group.last >= start]
+    by_file: dict[Path, list[int]] = {}
+    for group in wanted:
+        by_file.setdefault(group.file, []).append(group.group)
+    parts = []
+    for file, ids in by_file.items():
+        try:
+            table = pq.ParquetFile(file).read_row_groups(ids)
+        except (pa.ArrowException, OSError) as error:
+            raise _damaged(file, error) from error
+        position = table.column("position").to_numpy()
+        offset = position % batch
+        keep = (position >= start) & (position < stop) & (offset >= offsets[0]) & (offset < offsets[1])
+        if keep.any():
+            parts.append(table.filter(pa.array(keep)))
+    columns = {name: [] for name in ("position", "index", "repeat", "topk_indices", "topk_log_probs")}
+    for part in parts:
+        for name in ("position", "index", "repeat"):
+            columns[name].append(part.column(name).to_numpy().astype(np.int64))
+        for name in ("topk_indices", "topk_log_probs"):
+            columns[name].append(
+                part.column(name).combine_chunks().flatten().to_numpy().reshape(len(part), top_k)
+            )
+    if not parts:
+        empty = np.zeros(0, dtype=np.int64)
+        return _Window(
+            epoch, first, last, offsets, empty, empty, empty, np.zeros((0, top_k)), np.zeros((0, top_k))
+        )
+    merged = {name: np.concatenate(values) for name, values in columns.items()}
+    order = np.argsort(merged["position"], kind="stable")
+    return _Window(epoch, first, last, offsets, *(merged[name][order] for name in columns))
 
 
 class TeacherCache:
     """A complete teacher cache, read for training: teacher outputs by `(epoch, position)`.
 
-    Epochs are read lazily, one at a time (an ImageNet epoch at K = 10 in float16 is about 50 MB).
+    A process reads only its own rows (its positions within each global batch, taken from its keys), a window of
+    global batches at a time: the row groups whose position range meets the window, chosen from the shards'
+    footers. The next window is read ahead in a background thread while the current one serves; at most two are
+    held, each about `window_bytes`, whatever the epoch's size.
 
     Args:
         directory: The cache folder (`teacher_cache.json` and `data/`).
         cycle: Allow a run longer than the cache: epoch `e` replays cached epoch `e % epochs`, views and
             teacher outputs both (the trainer's sampler is told to cycle too).
+        window_bytes: About how much of the cache one window holds in memory.
     """
 
-    def __init__(self, directory: str | os.PathLike, *, cycle: bool = False) -> None:
+    def __init__(
+        self, directory: str | os.PathLike, *, cycle: bool = False, window_bytes: int = 64 * 2**20
+    ) -> None:
         self.directory = Path(directory)
         self.metadata = read_metadata(self.directory)
         if not self.metadata.get("complete"):
@@ -301,12 +386,34 @@ class TeacherCache:
         self.epochs: int = storage["epochs"]
         self.top_k: int = storage["top_k"]
         self.num_classes: int = storage["num_classes"]
+        self.global_batch_size: int = self.metadata["layout"]["global_batch_size"]
         self.cycle = cycle
-        self._epoch: tuple[int, _Epoch] | None = None
+        value_bytes = np.dtype(DTYPES[storage["dtype"]][0]).itemsize
+        # Per row in memory: position, index, repeat (int64) and K class ids and values.
+        self._row_bytes = 24 + self.top_k * (value_bytes + 4)
+        self.window_rows = max(1, window_bytes // self._row_bytes)
+        self._groups: tuple[int, list[_RowGroup]] | None = None
+        self._window: _Window | None = None
+        self._ahead: tuple[tuple[int, int, int, tuple[int, int]], Future] | None = None
+        self._reader: ThreadPoolExecutor | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Data-loader workers may pickle the trainer's state: the reader thread and windows stay here.
+        state = self.__dict__.copy()
+        state.update(_groups=None, _window=None, _ahead=None, _reader=None)
+        return state
 
     @property
     def teacher_id(self) -> str | None:
         return (self.metadata.get("teacher") or {}).get("id")
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of teacher outputs held now (the current window and the one read ahead, once read)."""
+        held = self._window.nbytes if self._window is not None else 0
+        if self._ahead is not None and self._ahead[1].done() and self._ahead[1].exception() is None:
+            held += self._ahead[1].result().nbytes
+        return held
 
     def check(self, run: dict[str, Any]) -> None:
         """Raise a `UserError` naming every field in which `run` (from `describe_run`) differs from the cache."""
@@ -328,52 +435,84 @@ class TeacherCache:
                 "cached epochs in cycles with --cache_cycle true."
             )
 
-    def _read(self, epoch: int) -> _Epoch:
-        if self._epoch is None or self._epoch[0] != epoch:
+    def _epoch_groups(self, epoch: int) -> list[_RowGroup]:
+        if self._groups is None or self._groups[0] != epoch:
             if not 0 <= epoch < self.epochs:
                 raise UserError(
                     f"teacher cache {self.directory} has no epoch {epoch} (it holds {self.epochs})."
                 )
-            self._epoch = (epoch, _read_epoch(self.directory / DATA_DIR / f"epoch-{epoch:05d}", self.top_k))
-        return self._epoch[1]
+            self._groups = (epoch, _row_groups(self.directory / DATA_DIR / f"epoch-{epoch:05d}"))
+        return self._groups[1]
+
+    def _window_for(self, epoch: int, batch: int, offsets: tuple[int, int]) -> _Window:
+        if self._window is not None and self._window.covers(epoch, batch, *offsets):
+            return self._window
+        steps = max(1, self.window_rows // (offsets[1] - offsets[0]))
+        request = (epoch, batch, batch + steps, offsets)
+        if self._ahead is not None and self._ahead[0] == request:
+            window = self._ahead[1].result()
+        else:
+            window = self._read_request(request)
+        self._window, self._ahead = window, None
+        # Read the next window of this epoch while this one serves (parquet decoding releases the GIL).
+        groups = self._epoch_groups(epoch)
+        if any(group.last >= window.last * self.global_batch_size for group in groups):
+            if self._reader is None:
+                self._reader = ThreadPoolExecutor(1, thread_name_prefix="teacher-cache")
+            following = (epoch, window.last, window.last + steps, offsets)
+            self._ahead = (following, self._reader.submit(self._read_request, following, groups))
+        return window
+
+    def _read_request(
+        self, request: tuple[int, int, int, tuple[int, int]], groups: list[_RowGroup] | None = None
+    ) -> _Window:
+        epoch, first, last, offsets = request
+        groups = groups if groups is not None else self._epoch_groups(epoch)
+        return _read_window(groups, epoch, first, last, offsets, self.global_batch_size, self.top_k)
 
     def teacher_logits(self, view_keys: torch.Tensor, *, hard: bool = False) -> torch.Tensor:
         """Teacher logits (log-probabilities) for one process's batch, from its `(B, 6)` view keys.
 
-        `hard=True` returns the one-hot of the stored top-1, all hard distillation uses (its argmax). Raises when
-        the keys are not the views the cache was written for.
+        A host tensor built with NumPy: the caller moves it to the device, once. `hard=True` returns the one-hot
+        of the stored top-1, all hard distillation uses (its argmax). Raises when the keys are not the views the
+        cache was written for.
         """
-        keys = view_keys.cpu().numpy()
+        keys = view_keys.numpy() if view_keys.device.type == "cpu" else view_keys.cpu().numpy()
         epochs = np.unique(keys[:, _KEY["epoch"]])
-        if len(epochs) != 1 or len(np.unique(keys[:, _KEY["batch"]])) != 1:
+        batches = np.unique(keys[:, _KEY["batch"]])
+        if len(epochs) != 1 or len(batches) != 1:
             raise UserError(
                 "teacher cache: a batch mixes views of several global batches (accelerate padded the last batch "
                 "of an epoch); train with --dataloader_drop_last true, with the cache written the same way."
             )
-        table = self._read(int(epochs[0]))
-        position = keys[:, _KEY["position"]]
-        known = position < len(table.present)
-        if not known.all() or not table.present[position].all():
+        epoch, batch = int(epochs[0]), int(batches[0])
+        position = keys[:, _KEY["position"]].astype(np.int64)
+        offset = position - batch * self.global_batch_size
+        if offset.min() < 0 or offset.max() >= self.global_batch_size:
             raise UserError(
-                f"teacher cache {self.directory} has no entry for some views of epoch {epochs[0]}."
+                f"teacher cache {self.directory}: the views of this run are not those of the cache (another "
+                "seed, dataset or batch layout)."
             )
+        window = self._window_for(epoch, batch, (int(offset.min()), int(offset.max()) + 1))
+        rows = np.searchsorted(window.position, position)
+        found = rows < len(window.position)
+        if not found.all() or not np.array_equal(window.position[rows], position):
+            raise UserError(f"teacher cache {self.directory} has no entry for some views of epoch {epoch}.")
         if not (
-            np.array_equal(table.index[position], keys[:, _KEY["index"]])
-            and np.array_equal(table.repeat[position], keys[:, _KEY["repeat"]])
+            np.array_equal(window.index[rows], keys[:, _KEY["index"]])
+            and np.array_equal(window.repeat[rows], keys[:, _KEY["repeat"]])
             and (keys[:, _KEY["seed"]] == self.metadata["views"]["seed"]).all()
         ):
             raise UserError(
                 f"teacher cache {self.directory}: the views of this run are not those of the cache (another "
                 "seed, dataset or batch layout)."
             )
-        indices = torch.from_numpy(table.topk_indices[position].astype(np.int64))
+        indices = window.topk_indices[rows]
         if hard:
-            targets = F.one_hot(indices[:, 0], self.num_classes).float()
-        else:
-            targets = expand_top_k(
-                indices, torch.from_numpy(table.topk_log_probs[position]), self.num_classes
-            )
-        return targets.to(view_keys.device)
+            targets = np.zeros((len(rows), self.num_classes), dtype=np.float32)
+            targets[np.arange(len(rows)), indices[:, 0]] = 1.0
+            return torch.from_numpy(targets)
+        return expand_top_k(indices, window.topk_log_probs[rows], self.num_classes)
 
 
 def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
@@ -439,7 +578,8 @@ class _ShardWriter:
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"steps-{self.start:06d}-{end:06d}.parquet"
         partial = path.with_suffix(".partial")
-        pq.write_table(table, partial)
+        # Small row groups: a reader picks the ones that hold its own positions (see `TeacherCache`).
+        pq.write_table(table, partial, row_group_size=ROW_GROUP_VIEWS)
         os.replace(partial, path)
         self.rows, self.start = [], end
 
