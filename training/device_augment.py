@@ -450,7 +450,7 @@ def auto_contrast(image: torch.Tensor, args: torch.Tensor, counted: torch.Tensor
 
 def equalize(image: torch.Tensor, args: torch.Tensor, counted: torch.Tensor) -> torch.Tensor:
     groups, channels = image.shape[:2]
-    levels = image.long().view(groups * channels, -1)
+    levels = image.long().reshape(groups * channels, -1)
     weight = counted.expand_as(image).reshape(groups * channels, -1).float()
     histogram = torch.zeros(groups * channels, 256, device=image.device).scatter_add_(1, levels, weight)
     # PIL: step = (count - count of the highest level present) // 255; lut[i] = (step // 2 + cumsum[< i]) // step.
