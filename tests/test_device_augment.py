@@ -410,6 +410,13 @@ def test_a_teacher_cache_of_the_other_path_is_refused_naming_the_field(trained_r
     from deit_distill.training.commands.train import main
     from deit_distill.training.errors import UserError
 
-    run = [*TINY_STUDENT, *TINY_RUN, "--distillation_type", "soft", "--teacher_cache", str(trained_runs["cache"])]
-    with pytest.raises(UserError, match="views.augment_on"):
+    run = [
+        *TINY_STUDENT,
+        *TINY_RUN,
+        "--distillation_type",
+        "soft",
+        "--teacher_cache",
+        str(trained_runs["cache"]),
+    ]
+    with pytest.raises(UserError, match=r"views\.augment_on"):
         main([*run, "--augment_on", "device", "--output_dir", str(tmp_path / "run")])
