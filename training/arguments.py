@@ -553,3 +553,76 @@ def check_training_arguments(
         and not os.path.exists(teacher)
     ):
         raise MissingPathError(f"--teacher {teacher}: no such folder. Train or download the teacher first.")
+    mixes = (augmentation_args.mixup > 0 or augmentation_args.cutmix > 0) and augmentation_args.mixup_prob > 0
+    if mixes and training_args.per_device_train_batch_size == 1:
+        # Mixup/CutMix pair the images of a batch: one image has no partner, so nothing would be mixed.
+        raise UserError(
+            "--per_device_train_batch_size 1 cannot mix images (Mixup/CutMix pair the images of a batch): use 2 "
+            "or more, or turn mixing off with --mixup 0 --cutmix 0."
+        )
+
+
+def check_settings_take_effect(
+    model_args: ModelArguments,
+    augmentation_args: AugmentationArguments,
+    distill_args: DistillationArguments,
+    run_args: RunArguments,
+    training_args: Any,
+    cache_args: TeacherCacheArguments,
+) -> list[str]:
+    """`train`'s settings that would silently do nothing: a contradiction is a `UserError`; a setting that is only
+    without effect is logged as a warning, naming its flag. Returns the warnings (for tests)."""
+    resuming = training_args.resume_from_checkpoint not in (None, "", "false", "False")
+    if run_args.overwrite_output_dir and resuming:
+        raise UserError(
+            "--overwrite_output_dir true removes the checkpoints that --resume_from_checkpoint would resume from: "
+            "use one of them."
+        )
+    defaults_of = {
+        cls: cls() for cls in (AugmentationArguments, DistillationArguments, TeacherCacheArguments)
+    }
+
+    def changed(args: Any, name: str) -> bool:
+        return getattr(args, name) != getattr(defaults_of[type(args)], name)
+
+    unused: list[str] = []
+    kind = distill_args.distillation_type
+    if kind == "none":
+        if distill_args.teacher:
+            unused.append("--teacher (no teacher with --distillation_type none)")
+        unused += [
+            f"--{name} (no teacher with --distillation_type none)"
+            for name in ("alpha", "tau", "kl_reduction")
+            if changed(distill_args, name)
+        ]
+        if cache_args.teacher_cache:
+            unused.append("--teacher_cache (no teacher with --distillation_type none)")
+    elif kind == "hard":
+        unused += [
+            f"--{name} (soft distillation only; this run uses --distillation_type hard)"
+            for name in ("tau", "kl_reduction")
+            if changed(distill_args, name)
+        ]
+    mixup, cutmix = augmentation_args.mixup > 0, augmentation_args.cutmix > 0
+    if not (mixup or cutmix):
+        unused += [
+            f"--{name} (Mixup and CutMix are off: --mixup 0 --cutmix 0)"
+            for name in ("mixup_prob", "mixup_switch_prob")
+            if changed(augmentation_args, name)
+        ]
+    elif mixup != cutmix and changed(augmentation_args, "mixup_switch_prob"):
+        unused.append("--mixup_switch_prob (it chooses between Mixup and CutMix, and only one is on)")
+    unused += [
+        f"--{name} (cache-teacher only; train reads the cache as it was written)"
+        for name in ("cache_epochs", "cache_top_k", "cache_dtype", "cache_shard_views")
+        if changed(cache_args, name)
+    ]
+    if cache_args.cache_cycle and not cache_args.teacher_cache:
+        unused.append("--cache_cycle (it replays a --teacher_cache, and there is none)")
+    if model_args.model_name_or_path and model_args.variant != ModelArguments.variant:
+        unused.append("--variant (a checkpoint keeps its own size; --variant builds from scratch)")
+    if training_args.hub_model_id and not training_args.push_to_hub:
+        unused.append("--hub_model_id (nothing is pushed without --push_to_hub true)")
+    for setting in unused:
+        logger.warning("%s has no effect in this run.", setting)
+    return unused

@@ -21,20 +21,20 @@ import torch
 from transformers import (
     AutoImageProcessor,
     AutoModelForImageClassification,
-    HfArgumentParser,
     TrainingArguments,
 )
 
 from deit_distill.training.analysis import analyze_model, format_analysis, plot_analysis
 from deit_distill.training.arguments import DataArguments, check_data_arguments
-from deit_distill.training.checkpoints import check_model_source
+from deit_distill.training.checkpoints import check_model_folder, check_model_source
 from deit_distill.training.collator import DistillationCollator
 from deit_distill.training.errors import UserError
 from deit_distill.training.run_record import RunRecord
 from deit_distill.training.trainer import DistillationTrainer
 from deit_distill.training.transforms import build_eval_transform, with_image_transform
 
-from .evaluate import _teacher, resolve_data
+from .evaluate import HELP_GROUPS, TRAINING_ONLY, _teacher, refuse_training_only_flags, resolve_data
+from .flags import DataclassParser, dataclass_help
 
 USAGE = "deit-distill analyze MODEL_OR_RUN [--dataset_name ...] [--teacher T|none] [--json] [--plot PATH]"
 
@@ -108,16 +108,17 @@ def default_plot_path(model_path: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = HfArgumentParser((DataArguments, AnalyzeArguments))
+    if any(token in ("-h", "--help") for token in argv):
+        groups = (("Analysis", AnalyzeArguments), HELP_GROUPS[1])
+        print(dataclass_help(f"{USAGE}\n\n{__doc__.split(chr(10) * 2)[1]}", groups, TRAINING_ONLY))
+        return 0
     if not argv or argv[0].startswith("-"):
-        if argv and argv[0] in ("-h", "--help"):
-            print(__doc__)
-            parser.print_help()
-            return 0
         raise UserError(f"analyze needs a model or run directory first: {USAGE}")
     model, rest = argv[0], argv[1:]
+    data_args, analyze_args = DataclassParser((DataArguments, AnalyzeArguments)).parse_flags(rest)
     check_model_source(model, "analyze")
-    data_args, analyze_args = parser.parse_args_into_dataclasses(args=rest, look_for_args_file=False)
+    check_model_folder(model, "analyze")
+    refuse_training_only_flags(rest, "analyze")
     if analyze_args.batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {analyze_args.batch_size}.")
     data_args, seed = resolve_data(model, rest, data_args, analyze_args.seed)

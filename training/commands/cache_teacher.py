@@ -22,11 +22,12 @@ from deit_distill.training.arguments import (
     check_training_arguments,
 )
 from deit_distill.training.errors import UserError
+from deit_distill.training.folder_lock import hold_folder
 from deit_distill.training.models import build_model
 from deit_distill.training.teacher import load_teacher_image_processor
 from deit_distill.training.teacher_cache import describe_run, write_teacher_cache
 
-from .train import build_trainer, load_data_once, parse_args
+from .train import build_trainer, load_data_once, parse_args, recorded_path
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,19 @@ def run_cache_teacher(
     check_data_arguments(data_args)
     check_training_arguments(model_args, augmentation_args, distill_args, training_args)
     check_cache_arguments(cache_args)
+    # The cache folder is this command's while it writes (`deit_distill.training.folder_lock`).
+    with hold_folder(
+        cache_args.teacher_cache,
+        "--teacher_cache",
+        "deit-distill cache-teacher",
+        is_main=training_args.process_index == 0,
+    ):
+        return _write_cache(model_args, data_args, augmentation_args, distill_args, training_args, cache_args)
+
+
+def _write_cache(
+    model_args, data_args, augmentation_args, distill_args, training_args, cache_args
+) -> dict[str, Any]:
     transformers.set_seed(training_args.seed)
     training_args.remove_unused_columns = False  # the image column is consumed by our transform
 
@@ -63,7 +77,7 @@ def run_cache_teacher(
         data_args=data_args,
         augmentation_args=augmentation_args,
         training_args=training_args,
-        teacher_id=distill_args.teacher,
+        teacher_id=recorded_path(distill_args.teacher),  # usable from any working directory
     )
     metadata = write_teacher_cache(
         trainer,
@@ -86,7 +100,7 @@ def run_cache_teacher(
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    run_cache_teacher(*parse_args(argv))
+    run_cache_teacher(*parse_args(argv, command="cache-teacher"))
     return 0
 
 

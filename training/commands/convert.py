@@ -7,7 +7,6 @@ Nothing is downloaded: timm models are built with `pretrained=False` and filled 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
@@ -22,7 +21,12 @@ from deit_distill.modeling_deit_distill import (
     to_transformers_deit,
     to_transformers_vit,
 )
-from deit_distill.training.checkpoints import TRANSFORMERS_STUDENT_CLASSES, load_state_dict_file
+from deit_distill.training.checkpoints import (
+    TRANSFORMERS_STUDENT_CLASSES,
+    check_model_folder,
+    load_state_dict_file,
+    read_json_file,
+)
 from deit_distill.training.errors import MissingPathError, UserError
 
 from .flags import CommandParser, add_flag
@@ -107,7 +111,11 @@ def _from_transformers(source: str) -> DeiTDistillForImageClassification:
 
 
 def _read_labels(path: Path, num_labels: int) -> dict[int, str]:
-    id2label = {int(k): v for k, v in json.loads(path.read_text()).items()}
+    labels = read_json_file(path, "--id2label")
+    try:
+        id2label = {int(k): v for k, v in labels.items()}
+    except ValueError as error:  # a key that is not a class index
+        raise UserError(f"--id2label {path}: keys must be class indices ({error}).") from None
     if sorted(id2label) != list(range(num_labels)):
         raise UserError(f"{path} must name classes 0..{num_labels - 1} (the model has {num_labels} classes).")
     return id2label
@@ -143,5 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if not args.source_format == "timm" and not os.path.exists(args.source) and args.source.count("/") != 1:
         raise MissingPathError(f"--source {args.source}: no such file or folder.")
+    if args.source_format != "timm":
+        check_model_folder(args.source, "--source")
+    if args.output.exists() and not args.output.is_dir():
+        raise UserError(f"--output {args.output} is a file, not a folder: choose a folder path.")
     run_convert(args)
     return 0

@@ -18,18 +18,19 @@ import torch
 from transformers import (
     AutoImageProcessor,
     AutoModelForImageClassification,
-    HfArgumentParser,
     TrainingArguments,
 )
 
 from deit_distill.training.arguments import DataArguments, check_data_arguments, dataclass_from_dict
-from deit_distill.training.checkpoints import check_model_source
+from deit_distill.training.checkpoints import check_model_folder, check_model_source
 from deit_distill.training.collator import DistillationCollator
 from deit_distill.training.errors import MissingPathError, UserError
 from deit_distill.training.losses import DistillationLoss
 from deit_distill.training.run_record import RunRecord
 from deit_distill.training.trainer import DistillationTrainer
 from deit_distill.training.transforms import build_eval_transform, with_image_transform
+
+from .flags import DataclassParser, dataclass_help
 
 USAGE = "deit-distill eval MODEL_OR_RUN [--dataset_name ...] [--teacher T|none] [--seed S] [--batch_size N]"
 
@@ -46,6 +47,25 @@ class EvalArguments:
         default=None, metadata={"help": "Seed of the held-out split and the subsets; a run's own by default."}
     )
     batch_size: int = field(default=64, metadata={"help": "Images per forward pass."})
+
+
+HELP_GROUPS = (
+    ("Evaluation", EvalArguments),
+    ("Data (a run directory's own by default; these override it)", DataArguments),
+)
+# Data flags that only shape training: with eval or analyze they would do nothing.
+TRAINING_ONLY = ("unlabeled_dataset", "unlabeled_split", "unlabeled_image_column", "max_unlabeled_samples")
+
+
+def refuse_training_only_flags(argv: list[str], command: str) -> None:
+    """`--unlabeled_dataset` and its flags add training images only; an evaluation takes none of them."""
+    for token in argv:
+        name = token[2:].split("=")[0].replace("-", "_") if token.startswith("--") else ""
+        if name in TRAINING_ONLY:
+            raise UserError(
+                f"--{name} only adds unlabelled training images; {command} evaluates the labelled split alone, "
+                "so leave it out."
+            )
 
 
 def resolve_data(
@@ -144,17 +164,16 @@ def _loss(record: RunRecord | None, teacher: str | None) -> DistillationLoss:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(token in ("-h", "--help") for token in argv):
+        print(dataclass_help(f"{USAGE}\n\n{__doc__.split(chr(10) * 2)[1]}", HELP_GROUPS, TRAINING_ONLY))
+        return 0
     if not argv or argv[0].startswith("-"):
-        if argv and argv[0] in ("-h", "--help"):
-            print(__doc__)
-            HfArgumentParser((DataArguments, EvalArguments)).print_help()
-            return 0
         raise UserError(f"eval needs a model or run directory first: {USAGE}")
     model, rest = argv[0], argv[1:]
+    data_args, eval_args = DataclassParser((DataArguments, EvalArguments)).parse_flags(rest)
     check_model_source(model, "eval")
-    data_args, eval_args = HfArgumentParser((DataArguments, EvalArguments)).parse_args_into_dataclasses(
-        args=rest, look_for_args_file=False
-    )
+    check_model_folder(model, "eval")
+    refuse_training_only_flags(rest, "eval")
     if eval_args.batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {eval_args.batch_size}.")
     data_args, seed = resolve_data(model, rest, data_args, eval_args.seed)

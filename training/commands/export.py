@@ -13,7 +13,7 @@ import argparse
 import os
 from pathlib import Path
 
-from deit_distill.training.checkpoints import check_model_source
+from deit_distill.training.checkpoints import check_model_folder, check_model_source
 from deit_distill.training.errors import UserError
 from deit_distill.training.onnx_export import (
     INT8_FILE,
@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_model_source(args.model, "export")
+    check_model_folder(args.model, "export")
+    if Path(args.output).exists() and not Path(args.output).is_dir():
+        raise UserError(f"--output {args.output} is a file, not a folder: choose a folder path.")
     if args.batch_size < 1 or args.calibration_samples < 1:
         raise UserError("--batch_size and --calibration_samples must be >= 1.")
     if args.quantize and args.int8_mode == "static" and not RunRecord.exists(args.model):

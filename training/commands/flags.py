@@ -9,7 +9,7 @@ import argparse
 import difflib
 import re
 import textwrap
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import MISSING, fields
 from typing import Any, NoReturn
 
@@ -106,10 +106,14 @@ def format_flag(name: str, help_text: str, default: Any = None) -> str:
     )
 
 
-def dataclass_help(usage: str, groups: Sequence[tuple[str, type]]) -> str:
-    """A short `--help`: the usage, then each group's flags (a dataclass each) with their help lines."""
-    lines = [usage]
+def dataclass_help(usage: str, groups: Sequence[tuple[str, type]], exclude: Collection[str] = ()) -> str:
+    """A short `--help`: the usage, then each group's flags (a dataclass each, less `exclude`) with their help."""
+    lines = [usage.rstrip()]
     for title, cls in groups:
         lines.append(f"\n{title}:")
-        lines += [format_flag(spec.name, spec.metadata.get("help", ""), spec.default) for spec in fields(cls)]
+        lines += [
+            format_flag(spec.name, spec.metadata.get("help", ""), spec.default)
+            for spec in fields(cls)
+            if spec.name not in exclude
+        ]
     return "\n".join(lines)

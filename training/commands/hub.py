@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from deit_distill.training.errors import UserError
+from deit_distill.training.errors import Interrupted, UserError
 
 from .flags import CommandParser, add_flag
 
@@ -56,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     except PushError as error:
         raise UserError(str(error)) from error
+    except KeyboardInterrupt:
+        # Each Hub commit lands whole or not at all: an interrupted one leaves no partial files.
+        raise Interrupted(
+            f"interrupted; the push to {args.repo_id} did not finish and no partial commit was made (a "
+            "commit lands whole or not at all); run the same command again to push."
+        ) from None
     print(f"pushed {result.commit_url}")
     if result.native_commit_url:
         print(f"native copy (no remote code): {result.native_commit_url}")

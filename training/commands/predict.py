@@ -18,7 +18,7 @@ from typing import Any
 from PIL import Image
 
 from deit_distill.modeling_deit_distill import DeiTDistillImageClassificationPipeline
-from deit_distill.training.checkpoints import check_model_source
+from deit_distill.training.checkpoints import check_model_folder, check_model_source
 from deit_distill.training.errors import MissingPathError, UserError
 
 from .flags import CommandParser, add_flag
@@ -57,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.top_k < 1:
         raise UserError(f"--top_k must be >= 1, got {args.top_k}.")
     check_model_source(args.model, "predict")
+    if args.onnx_file != "model.onnx" and not args.onnx:
+        raise UserError(
+            f"--onnx_file {args.onnx_file} is read only with --onnx: add --onnx, or leave it out."
+        )
+    if not args.onnx:
+        check_model_folder(args.model, "predict")
     if args.onnx:
         classifier, config = _onnx_classifier(args.model, args.onnx_file)
     else:

@@ -35,6 +35,7 @@ from deit_distill.training.arguments import (
     TeacherCacheArguments,
     check_cache_arguments,
     check_data_arguments,
+    check_settings_take_effect,
     check_training_arguments,
     check_unlabeled_arguments,
 )
@@ -351,6 +352,9 @@ def run_training(
     check_training_arguments(model_args, augmentation_args, distill_args, training_args, cache_args)
     check_unlabeled_arguments(data_args, distill_args)
     check_cache_arguments(cache_args)
+    check_settings_take_effect(
+        model_args, augmentation_args, distill_args, run_args, training_args, cache_args
+    )
     with hold_folder(
         training_args.output_dir,
         "--output_dir",
