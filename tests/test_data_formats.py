@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -266,6 +267,24 @@ def test_columns_are_found_by_their_obvious_names_and_the_choice_is_logged(tmp_p
     assert len(dataset["train"]) + len(dataset["validation"]) == 12
     assert "Reading the images from column 'file' (set --image_column" in caplog.text
     assert "Reading the labels from column 'category' (set --label_column" in caplog.text
+
+
+def test_the_one_column_beside_the_images_holds_the_labels(tmp_path, caplog):
+    rows = records(tmp_path, "train", "string", "relative")
+    write_csv(tmp_path / "train.csv", [{"photo": row["file"], "species": row["category"]} for row in rows])
+    with caplog.at_level("INFO", logger="deit_distill.training.data"):
+        dataset = DataArguments(dataset_name=str(tmp_path / "train.csv")).load(
+            seed=0, cache_dir=str(tmp_path / "c")
+        )
+    assert dataset["train"].features["label"].names == sorted(NAMES)
+    assert "Reading the labels from column 'species'" in caplog.text
+    (tmp_path / "two.csv").write_text(
+        (tmp_path / "train.csv").read_text().replace("species", "species,size", 1)
+    )
+    with pytest.raises(
+        UserError, match=r"no label column found among the columns \['photo', 'species', 'size'\]"
+    ):
+        DataArguments(dataset_name=str(tmp_path / "two.csv")).load(seed=0, cache_dir=str(tmp_path / "c"))
 
 
 def test_the_load_reads_no_image_unless_asked(tmp_path, monkeypatch):
@@ -540,24 +559,17 @@ def test_a_train_process_exits_with_one_line_and_no_traceback(tmp_path, mistake)
 
 @pytest.mark.slow
 def test_the_readme_csv_example_trains_and_evaluates_from_another_directory(tmp_path):
-    """The README's CSV example, as written (`data/train.csv` of paths relative to it, string labels), then
-    `eval RUN_DIR` from another working directory."""
+    """The README's CSV command as written (`data/train.csv` of paths relative to it and string labels), with
+    tiny-model flags for its "...", then `eval RUN_DIR` from another working directory."""
+    line = next(
+        line for line in (ROOT / "README.md").read_text().splitlines() if "data/train.csv ..." in line
+    )
+    command = shlex.split(line.split("#")[0])
+    assert command[:2] == ["deit-distill", "train"] and command[-1] == "..."
     project = tmp_path / "project"
     rows = records(project / "data", "train", "string", "relative")
     write_csv(project / "data" / "train.csv", [{"filepath": r["file"], "label": r["category"]} for r in rows])
-    trained = run_cli(
-        [
-            "train",
-            "--dataset_name",
-            "data/train.csv",
-            "--image_column",
-            "filepath",
-            *TINY,
-            "--output_dir",
-            "runs/csv",
-        ],
-        cwd=project,
-    )
+    trained = run_cli([*command[1:-1], *TINY, "--output_dir", "runs/csv"], cwd=project)
     assert trained.returncode == 0, trained.stderr[-3000:]
     run_dir = project / "runs" / "csv"
     evaluated = run_cli(["eval", str(run_dir)], cwd=tmp_path)

@@ -315,9 +315,10 @@ def pick_column(
 ) -> str:
     """The column of `dataset` that holds the images (`role` "image") or the labels ("label").
 
-    `name` given: that column, which must exist. Otherwise the one column with an `Image` (`ClassLabel`)
-    feature, else the one column with an obvious name (`IMAGE_COLUMN_NAMES`, `LABEL_COLUMN_NAMES`); the choice
-    is logged.
+    `name` given: that column, which must exist. Otherwise the column named `role`, else the one column with an
+    `Image` (`ClassLabel`) feature, else the one column with an obvious name (`IMAGE_COLUMN_NAMES`,
+    `LABEL_COLUMN_NAMES`), else, for labels, the one column of names or indices left beside the images
+    (`exclude`); the choice is logged.
 
     Raises:
         UserError: No such column, or no single obvious one; the message lists the columns and the flag to set.
@@ -335,7 +336,14 @@ def pick_column(
     typed = [column for column in columns if isinstance(dataset.features[column], feature_type)]
     known = IMAGE_COLUMN_NAMES if role == "image" else LABEL_COLUMN_NAMES
     named = [column for column in columns if column.lower() in known]
-    for candidates in ([role] if role in columns else [], typed, named):
+    # A table of two columns, images and one other of names or indices: that other one holds the labels.
+    only = columns if role == "label" and exclude and len(columns) == 1 else []
+    only = [
+        column
+        for column in only
+        if _holds_names(dataset.features[column]) or _holds_indices(dataset.features[column])
+    ]
+    for candidates in ([role] if role in columns else [], typed, named, only):
         if len(candidates) == 1:
             if candidates[0] != role and log:
                 logger.info(
