@@ -27,6 +27,7 @@ from deit_distill.training.device_augment import (
     device_augment_spec,
     geometric_matrix,
     resample,
+    stack_canvases,
 )
 from deit_distill.training.transforms import _posterize_keeping_zero_bits
 from deit_distill.training.views import (
@@ -168,7 +169,10 @@ def test_the_crop_matches_timms_random_resized_crop_within_a_documented_mean_dif
     canvas, to_canvas, bounds = transform._cut_out(image, False, box, 0)
     affine = torch.from_numpy((to_canvas @ crop_matrix(box, (224, 224)))[:2]).float()[None]
     pixels, valid = resample(
-        torch.from_numpy(canvas)[None], affine, torch.tensor([bounds]).float(), (224, 224)
+        stack_canvases([torch.from_numpy(canvas)], spec.canvas_hw),
+        affine,
+        torch.tensor([bounds]).float(),
+        (224, 224),
     )
     assert valid.all()
     ours = pixels[0].permute(1, 2, 0).numpy()

@@ -10,7 +10,7 @@ import torch
 from timm.data.mixup import mixup_target
 
 from .data import UNLABELED
-from .device_augment import DeviceAugmentSpec, collate_params, mix_pixels
+from .device_augment import DeviceAugmentSpec, collate_params, mix_pixels, stack_canvases
 from .views import AUGMENT_PARAMS, ViewKey, mix_generator
 
 
@@ -115,13 +115,18 @@ class DistillationCollator:
     def __call__(
         self, examples: list[dict[str, Any]], views: Sequence[ViewKey | None] | None = None
     ) -> dict[str, torch.Tensor]:
-        pixel_values = torch.stack([example["pixel_values"] for example in examples])
-        if all("labels" not in example for example in examples):
-            return {"pixel_values": pixel_values}  # unlabelled data for prediction: nothing to mix or smooth
-        labels = torch.as_tensor([example["labels"] for example in examples], dtype=torch.long)
         on_device = AUGMENT_PARAMS in examples[0]
         if on_device and self.device_augment is None:
             raise ValueError("Examples decoded for --augment_on device need a collator with device_augment.")
+        if on_device:
+            pixel_values = stack_canvases(
+                [e["pixel_values"] for e in examples], self.device_augment.canvas_hw
+            )
+        else:
+            pixel_values = torch.stack([example["pixel_values"] for example in examples])
+        if all("labels" not in example for example in examples):
+            return {"pixel_values": pixel_values}  # unlabelled data for prediction: nothing to mix or smooth
+        labels = torch.as_tensor([example["labels"] for example in examples], dtype=torch.long)
         image_hw = self.device_augment.output_hw if on_device else tuple(pixel_values.shape[-2:])
         if not self.mixes:
             if on_device:

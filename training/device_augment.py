@@ -141,15 +141,18 @@ def device_augment_spec(
 class DecodeForDevice:
     """Worker transform of `--augment_on device`: an undecoded image -> uint8 canvas + the view's parameters.
 
-    Returns `{"pixel_values": (Hc, Wc, 3) uint8 tensor, "augment_params": {name: tensor}}`; the parameters are drawn
+    Returns `{"pixel_values": (h, w, 3) uint8 crop box, at most the canvas, "augment_params": {name: tensor}}`
+    (the collator lays the boxes into one canvas, `stack_canvases`); the parameters are drawn
     from Python's and NumPy's global generators (seeded per view by `SeededViews`), in timm's order of draws.
     """
 
     takes_undecoded = True
 
-    def __init__(self, spec: DeviceAugmentSpec) -> None:
+    def __init__(self, spec: DeviceAugmentSpec, reduced_decoding: bool = True) -> None:
         self.spec = spec
         self.ops = spec.rand_augment_ops() if spec.rand_augment else []
+        # JPEG's DCT-domain reduction when the crop box is at least twice the output (off: for measuring it).
+        self.reduced_decoding = reduced_decoding
 
     def __call__(self, value: Any, index: int | None = None) -> dict[str, Any]:
         image, decoded = _open(value, index)
@@ -212,7 +215,7 @@ class DecodeForDevice:
         top, left, box_h, box_w = box
         (out_h, out_w), (canvas_h, canvas_w) = self.spec.output_hw, self.spec.canvas_hw
         factor = max(1, min(box_h // out_h, box_w // out_w))
-        draft = 1 if decoded else _draft_scale(image, factor)
+        draft = 1 if decoded or not self.reduced_decoding else _draft_scale(image, factor)
         if draft > 1:
             image.draft(image.mode, (math.ceil(image.width / draft), math.ceil(image.height / draft)))
         scale_x = scale_y = 1.0 / draft
@@ -228,13 +231,7 @@ class DecodeForDevice:
         cut = image.crop((x0, y0, x1, y1))
         if reduce > 1:
             cut = cut.reduce(reduce)
-        pixels = np.asarray(cut)
-        canvas = np.zeros((canvas_h, canvas_w, 3), dtype=np.uint8)
-        h, w = pixels.shape[:2]
-        canvas[:h, :w] = pixels
-        # Two replicated pixels past the box, the reach of a bicubic kernel, so its edge is not blended with 0.
-        canvas[:h, w : w + 2] = pixels[:, -1:]
-        canvas[h : h + 2, : w + 2] = canvas[h - 1 : h, : w + 2]
+        canvas = np.array(cut)  # the box alone, writable; `stack_canvases` lays it into the batch canvas
         to_canvas = np.array(
             [
                 [scale_x / reduce, 0, -x0 / reduce],
@@ -314,6 +311,25 @@ def draw_erasing(output_hw: tuple[int, int]) -> list[float]:
             top, left = random.randint(0, height - h), random.randint(0, width - w)
             return [1.0, float(top), float(left), float(h), float(w)]
     return [0.0, 0.0, 0.0, 0.0, 0.0]
+
+
+def stack_canvases(cuts: list[torch.Tensor], canvas_hw: tuple[int, int]) -> torch.Tensor:
+    """The workers' crop boxes `(h, w, 3)` laid at the top left of one `(B, Hc, Wc, 3)` uint8 batch, each with two
+    replicated pixels past its right and bottom edges (a bicubic kernel's reach, so edges do not blend with 0)."""
+    shape = (len(cuts), *canvas_hw, 3)
+    if torch.utils.data.get_worker_info() is not None:
+        # In a data-loader worker, straight into shared memory, as torch's default collate does (no copy to it).
+        storage = torch.empty(0, dtype=torch.uint8)._typed_storage()._new_shared(math.prod(shape))
+        batch = torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+    else:
+        batch = torch.empty(shape, dtype=torch.uint8)
+    # Left uninitialised past each box: no output pixel reads there (outside a box is fill, see `resample`).
+    for canvas, cut in zip(batch, cuts, strict=True):
+        h, w = cut.shape[:2]
+        canvas[:h, :w] = cut
+        canvas[:h, w : w + 2] = cut[:, -1:]
+        canvas[h : h + 2, : w + 2] = canvas[h - 1 : h, : w + 2]
+    return batch
 
 
 def collate_params(
