@@ -10,13 +10,16 @@ batches of 16: 4 steps per epoch, so 6 steps cross an epoch boundary.
 
 from __future__ import annotations
 
+import json
 import sys
 import textwrap
+from collections import Counter
 from pathlib import Path
 
 import datasets
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -356,16 +359,18 @@ print(json.dumps({
     "files": sorted(str(p.relative_to(local)) for p in pathlib.Path(local).rglob("*") if p.is_file()),
     "tags": DatasetCard.load(PARAMS["repo"], repo_type="dataset").data.tags,
     "logits": cache.teacher_logits(torch.tensor(keys)).tolist(),
+    "snapshot": local,
 }))
 """
 
 
-def test_push_cache_uploads_a_dataset_repo_that_trains_like_the_local_cache(full_cache, hub_client):
+def test_push_cache_uploads_a_dataset_repo_that_trains_like_the_local_cache(full_cache, hub_client, tmp_path):
     keys = [list(ViewKey(0, 1, 0, index=0, position=p)) for p in range(2)]
     local = TeacherCache(full_cache)
-    table = local._read(1)
+    contents = cache_contents(full_cache)
+    epoch_1 = contents.filter(pc.equal(contents["epoch"], 1))
     for row, p in zip(keys, range(2), strict=True):
-        row[3], row[4] = int(table.index[p]), int(table.repeat[p])
+        row[3], row[4] = epoch_1["index"][p].as_py(), epoch_1["repeat"][p].as_py()
     result = hub_client(
         PUSH_AND_READ,
         {"cache": str(full_cache), "repo": "test-user/teacher-cache", "keys": keys},
@@ -375,6 +380,12 @@ def test_push_cache_uploads_a_dataset_repo_that_trains_like_the_local_cache(full
     assert sum(name.endswith(".parquet") for name in result["files"]) == 8
     assert "teacher-cache" in result["tags"]
     torch.testing.assert_close(torch.tensor(result["logits"]), local.teacher_logits(torch.tensor(keys)))
+    # Train 2 steps from the downloaded repo and from the local cache: the same losses.
+    short = [*RUN, "--max_steps", "2"]
+    train([*short, "--teacher_cache", result["snapshot"], "--output_dir", str(tmp_path / "from_hub")])
+    train([*short, "--teacher_cache", str(full_cache), "--output_dir", str(tmp_path / "from_local")])
+    hub_losses, local_losses = logged_losses(tmp_path / "from_hub"), logged_losses(tmp_path / "from_local")
+    assert sorted(hub_losses) == [1, 2] and hub_losses == local_losses
 
 
 @pytest.mark.slow
@@ -404,3 +415,112 @@ def test_two_processes_under_accelerate_write_their_own_shards_with_the_one_proc
     # The cache of two processes trains a one-process run.
     train([*run, "--teacher_cache", str(two), "--output_dir", str(tmp_path / "run")])
     assert len(logged_losses(tmp_path / "run")) == MAX_STEPS
+
+
+# ---------------------------------------------------------------- the reader at scale: own rows, bounded memory
+
+SEED, CLASSES, TOP_K = 7, 12, 3
+
+
+def write_synthetic_cache(folder: Path, *, epochs: int, steps: int, writers: int, per_writer: int) -> dict:
+    """A cache written by hand, as `writers` processes of `per_writer` views a step would write it: one shard
+    per process and epoch, row groups of one step. Returns what every view's row holds, by (epoch, position)."""
+    from deit_distill.training.teacher_cache import CACHE_FORMAT
+
+    rng = np.random.default_rng(0)
+    global_batch = writers * per_writer
+    expected = {}
+    for epoch in range(epochs):
+        for process in range(writers):
+            positions = np.array(
+                [s * global_batch + process * per_writer + i for s in range(steps) for i in range(per_writer)]
+            )
+            index = rng.permutation(1000)[: len(positions)]
+            logits = rng.normal(size=(len(positions), CLASSES))
+            log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+            ids = np.argsort(-log_probs, axis=1)[:, :TOP_K].astype(np.int16)
+            values = np.take_along_axis(log_probs, ids.astype(np.int64), 1).astype(np.float16)
+            for row, p in enumerate(positions):
+                expected[epoch, int(p)] = (int(index[row]), ids[row], values[row])
+            table = pa.table(
+                {
+                    "epoch": pa.array(np.full(len(positions), epoch), pa.int32()),
+                    "position": pa.array(positions, pa.int64()),
+                    "index": pa.array(index, pa.int64()),
+                    "repeat": pa.array(np.zeros(len(positions)), pa.int16()),
+                    "topk_indices": pa.FixedSizeListArray.from_arrays(pa.array(ids.reshape(-1)), TOP_K),
+                    "topk_log_probs": pa.FixedSizeListArray.from_arrays(
+                        pa.array(values.reshape(-1), pa.float16()), TOP_K
+                    ),
+                }
+            )
+            shard = folder / DATA_DIR / f"epoch-{epoch:05d}" / f"process-{process:05d}-of-{writers:05d}"
+            shard.mkdir(parents=True)
+            pq.write_table(table, shard / f"steps-000000-{steps:06d}.parquet", row_group_size=per_writer)
+    metadata = {
+        "format": CACHE_FORMAT,
+        "complete": True,
+        "views": {"seed": SEED},
+        "layout": {"global_batch_size": global_batch, "per_device_batch_size": per_writer},
+        "storage": {"epochs": epochs, "top_k": TOP_K, "num_classes": CLASSES, "dtype": "float16"},
+    }
+    (folder / METADATA_FILE).write_text(json.dumps(metadata))
+    return expected
+
+
+def process_keys(expected: dict, epoch: int, step: int, global_batch: int, process: int, per_device: int):
+    positions = [step * global_batch + process * per_device + i for i in range(per_device)]
+    rows = [[SEED, epoch, step, expected[epoch, p][0], 0, p] for p in positions]
+    return torch.tensor(rows), positions
+
+
+def reference_log_probs(expected: dict, epoch: int, positions: list[int]) -> torch.Tensor:
+    """TinyViT's rule by hand: the stored K, the rest of the mass spread evenly."""
+    out = torch.empty(len(positions), CLASSES, dtype=torch.float64)
+    for row, p in enumerate(positions):
+        _, ids, values = expected[epoch, p]
+        probs = np.exp(values.astype(np.float64))
+        out[row] = (1 - probs.sum()) / (CLASSES - TOP_K)
+        out[row, torch.from_numpy(ids.astype(np.int64))] = torch.from_numpy(probs)
+    return out.log()
+
+
+@pytest.mark.parametrize("processes", [1, 2, 4])
+def test_each_process_reads_only_the_row_groups_of_its_own_positions(tmp_path, monkeypatch, processes):
+    # Written by 2 processes x 4 views a step (global batch 8); read by 1, 2 or 4 processes.
+    expected = write_synthetic_cache(tmp_path, epochs=2, steps=40, writers=2, per_writer=4)
+    per_device = 8 // processes
+    read: list[tuple[str, int]] = []
+
+    class RecordingParquetFile(pq.ParquetFile):
+        def __init__(self, source, *args, **kwargs):
+            super().__init__(source, *args, **kwargs)
+            self.writer = Path(source).parent.name
+
+        def read_row_groups(self, row_groups, *args, **kwargs):
+            read.extend((self.writer, group) for group in row_groups)
+            return super().read_row_groups(row_groups, *args, **kwargs)
+
+    monkeypatch.setattr(pq, "ParquetFile", RecordingParquetFile)
+    process = processes - 1  # the last process: its positions are the end of each global batch
+    # A window of 5 steps of this process's rows at most (two held with the one read ahead).
+    cache = TeacherCache(tmp_path, window_bytes=5 * per_device * (24 + TOP_K * 6))
+    for epoch in (0, 1):
+        for step in range(40):
+            keys, positions = process_keys(expected, epoch, step, 8, process, per_device)
+            logits = cache.teacher_logits(keys)
+            assert logits.device.type == "cpu" and logits.dtype == torch.float32
+            torch.testing.assert_close(
+                logits.double(), reference_log_probs(expected, epoch, positions), rtol=1e-5, atol=1e-6
+            )
+            hard = cache.teacher_logits(keys, hard=True)
+            assert hard.argmax(-1).tolist() == [int(expected[epoch, p][1][0]) for p in positions]
+            assert cache.held_bytes <= 2 * cache.window_rows * cache._row_bytes
+    cache._reader.shutdown(wait=True)
+    # Writer process w holds offsets [4w, 4w + 4) of each global batch: with 2 or 4 readers the last one needs
+    # writer 1's shards only; with one reader, both. Each row group (one step of one writer) is read once an
+    # epoch, not once a step.
+    writers = (
+        ["process-00001-of-00002"] if processes > 1 else ["process-00000-of-00002", "process-00001-of-00002"]
+    )
+    assert Counter(read) == {(writer, group): 2 for writer in writers for group in range(40)}

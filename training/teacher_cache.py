@@ -59,8 +59,23 @@ DATA_DIR = "data"
 DTYPES = {"float16": (np.float16, pa.float16()), "float32": (np.float32, pa.float32())}
 # Metadata sections that fix the views, their order and the teacher's outputs: compared field by field.
 CHECKED_SECTIONS = ("teacher", "labels", "data", "views", "layout")
+# The distributions whose code shapes a view (decoding, transforms, RandAugment, the Mixup/CutMix draws, the
+# data pipeline). Recorded in the `versions` section; a difference is allowed only when the replayed pixels of
+# the first `PIXEL_CHECK_BATCHES` global batches hash equal to the cache's (`pixels` section).
+VERSIONED_PACKAGES = (
+    "torch",
+    "torchvision",
+    "timm",
+    "Pillow",
+    "numpy",
+    "transformers",
+    "datasets",
+    "deit-distill",
+)
+PIXEL_CHECK_BATCHES = 2
 # Views per parquet row group: the unit a training process reads (16 MiB at K = 1000 in float16).
 ROW_GROUP_VIEWS = 4096
+_PROCESS = re.compile(r"^process-(\d+)-of-(\d+)$")
 _SHARD = re.compile(r"^steps-(\d+)-(\d+)\.parquet$")
 _KEY = {name: column for column, name in enumerate(ViewKey._fields)}
 
@@ -102,6 +117,53 @@ def run_epochs(args: Any, batches_per_epoch: int) -> int:
     return math.ceil(args.num_train_epochs)
 
 
+def library_versions() -> dict[str, str | None]:
+    """The version of each of `VERSIONED_PACKAGES` as the module states it (torch's with its build, e.g.
+    `+cu130`), `None` when one is not installed."""
+    import importlib
+    from importlib.metadata import PackageNotFoundError, version
+
+    modules = {"Pillow": "PIL", "deit-distill": None}  # distribution -> module, where the names differ
+    versions: dict[str, str | None] = {}
+    for name in VERSIONED_PACKAGES:
+        module = modules.get(name, name)
+        try:
+            versions[name] = importlib.import_module(module).__version__ if module else version(name)
+        except (ImportError, PackageNotFoundError):
+            versions[name] = None
+    return versions
+
+
+def views_sha256(trainer: Any, num_batches: int = PIXEL_CHECK_BATCHES) -> str:
+    """A hash of the first `num_batches` global batches of epoch 0 as `trainer` builds them for training: each
+    view drawn from the run's train dataset under its key (`SeededViews`, `ViewSampler`), collated (Mixup/CutMix)
+    by the run's train collator, the device augmentation applied on the CPU when the run augments on the device.
+    The hash covers the pixels and the (mixed) labels, and does not depend on the process count."""
+    from .device_augment import augment_batch
+    from .views import AUGMENT_PARAMS, SeededViews, ViewCollator
+
+    views = SeededViews(trainer.train_dataset)
+    sampler = trainer._get_train_sampler(views)
+    sampler.set_epoch(0)
+    collator = ViewCollator(trainer.train_data_collator or trainer.data_collator)
+    keys = []
+    for key in sampler:
+        if key.batch >= num_batches:
+            break
+        keys.append(key)
+    digest = hashlib.sha256()
+    for start in range(0, len(keys), sampler.global_batch_size):
+        batch = collator(views.__getitems__(keys[start : start + sampler.global_batch_size]))
+        pixels = batch["pixel_values"]
+        if AUGMENT_PARAMS in batch:
+            pixels = augment_batch(pixels, batch[AUGMENT_PARAMS])
+        for tensor in (pixels, batch["labels"]):
+            tensor = tensor.detach().cpu().contiguous()
+            digest.update(f"{tensor.dtype}:{tuple(tensor.shape)};".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def describe_run(
     *,
     teacher: nn.Module | None,
@@ -131,6 +193,7 @@ def describe_run(
         }
     student_processor = json.loads(student_image_processor.to_json_string())
     return {
+        "versions": library_versions(),
         "teacher": teacher_section,
         "labels": list(labels),
         "data": {
@@ -197,6 +260,16 @@ def mismatches(cached: dict[str, Any], run: dict[str, Any]) -> list[str]:
     return lines
 
 
+def version_mismatches(cached: dict[str, Any], run: dict[str, Any]) -> list[str]:
+    """The library versions that differ between the cache's writer and this run, as readable lines."""
+    expected, actual = _flatten(cached.get("versions"), "versions"), _flatten(run.get("versions"), "versions")
+    return [
+        f"{field}: {expected.get(field)!r} in the cache, {actual.get(field)!r} here"
+        for field in sorted(expected.keys() | actual.keys())
+        if expected.get(field) != actual.get(field)
+    ]
+
+
 def _pairing_differs(cached: dict[str, Any], run: dict[str, Any]) -> bool:
     # Mixup/CutMix pairs neighbours within a process's batch: with even per-device batches the pairs are the
     # global batch's whatever the process count, with an odd one the layout itself must match.
@@ -261,12 +334,19 @@ class _RowGroup:
     group: int
     first: int  # smallest position
     last: int  # largest position
+    offsets: tuple[int, int]  # the writing process's positions within each global batch: [lo, hi)
 
 
-def _row_groups(folder: Path) -> list[_RowGroup]:
+def _row_groups(folder: Path, global_batch_size: int) -> list[_RowGroup]:
     """The row groups of one epoch's shards, by position, read from the footers only."""
     groups = []
     for file in sorted(folder.glob("process-*/steps-*.parquet")):
+        # Process w of W wrote positions [w, w + 1) * global_batch_size / W of each global batch.
+        match = _PROCESS.match(file.parent.name)
+        offsets = (0, global_batch_size)
+        if match and global_batch_size % int(match.group(2)) == 0:
+            share = global_batch_size // int(match.group(2))
+            offsets = (int(match.group(1)) * share, (int(match.group(1)) + 1) * share)
         try:
             metadata = pq.read_metadata(file)
         except (pa.ArrowException, OSError) as error:
@@ -275,9 +355,9 @@ def _row_groups(folder: Path) -> list[_RowGroup]:
         for group in range(metadata.num_row_groups):
             stats = metadata.row_group(group).column(column).statistics
             if stats is None or not stats.has_min_max:  # a writer without statistics: read it whenever asked
-                groups.append(_RowGroup(file, group, 0, np.iinfo(np.int64).max))
+                groups.append(_RowGroup(file, group, 0, np.iinfo(np.int64).max, offsets))
             else:
-                groups.append(_RowGroup(file, group, int(stats.min), int(stats.max)))
+                groups.append(_RowGroup(file, group, int(stats.min), int(stats.max), offsets))
     if not groups:
         raise UserError(f"teacher cache: no shards in {folder}.")
     return groups
@@ -323,7 +403,14 @@ def _read_window(
     """Read the rows at positions `b * batch + [lo, hi)` for global batches `b` in `[first, last)`: only the
     row groups that hold some of them, and keep only those rows."""
     start, stop = first * batch, last * batch
-    wanted = [group for group in groups if group.first < stop and group.last >= start]
+    wanted = [
+        group
+        for group in groups
+        if group.first < stop
+        and group.last >= start
+        and group.offsets[0] < offsets[1]
+        and offsets[0] < group.offsets[1]
+    ]
     by_file: dict[Path, list[int]] = {}
     for group in wanted:
         by_file.setdefault(group.file, []).append(group.group)
@@ -388,6 +475,10 @@ class TeacherCache:
         self.num_classes: int = storage["num_classes"]
         self.global_batch_size: int = self.metadata["layout"]["global_batch_size"]
         self.cycle = cycle
+        self.version_differences: list[str] = version_mismatches(
+            self.metadata, {"versions": library_versions()}
+        )
+        self._pixels_checked = False
         value_bytes = np.dtype(DTYPES[storage["dtype"]][0]).itemsize
         # Per row in memory: position, index, repeat (int64) and K class ids and values.
         self._row_bytes = 24 + self.top_k * (value_bytes + 4)
@@ -418,6 +509,8 @@ class TeacherCache:
     def check(self, run: dict[str, Any]) -> None:
         """Raise a `UserError` naming every field in which `run` (from `describe_run`) differs from the cache."""
         lines = mismatches(self.metadata, run)
+        # Other library versions may still draw the same views: `check_pixels` decides, from the pixels.
+        self.version_differences = version_mismatches(self.metadata, run)
         if lines:
             raise UserError(
                 f"--teacher_cache {self.directory} was written for other views or another teacher; it cannot "
@@ -425,6 +518,39 @@ class TeacherCache:
                 + "\n  ".join(lines)
                 + "\nTrain with the cache's arguments, or write a cache for these (deit-distill cache-teacher)."
             )
+
+    def check_pixels(self, trainer: Any) -> None:
+        """Replay the first cached batches with `trainer`'s own pipeline and compare their hash with the cache's.
+
+        Equal pixels with other library versions are accepted, and said so in the log; other pixels are refused
+        naming the versions that differ. Checked once per cache object."""
+        if self._pixels_checked:
+            return
+        cached = self.metadata.get("pixels") or {}
+        batches = cached.get("batches", PIXEL_CHECK_BATCHES)
+        actual = views_sha256(trainer, batches)
+        if actual == cached.get("sha256"):
+            if self.version_differences:
+                logger.info(
+                    "teacher cache %s was written with other library versions (%s), but the first %d batches' "
+                    "pixels hash equal to the cache's: replaying it.",
+                    self.directory,
+                    "; ".join(self.version_differences),
+                    batches,
+                )
+            self._pixels_checked = True
+            return
+        lines = [
+            *self.version_differences,
+            f"pixels.sha256: {cached.get('sha256')!r} in the cache, {actual!r} here",
+        ]
+        raise UserError(
+            f"--teacher_cache {self.directory} replays other pixels here: its first {batches} batches hash "
+            "differently. Differing fields:\n  "
+            + "\n  ".join(lines)
+            + "\nInstall the versions the cache was "
+            "written with, or write a cache here (deit-distill cache-teacher)."
+        )
 
     def check_epochs(self, epochs: int) -> None:
         """A run that draws more epochs than cached needs `cycle`."""
@@ -441,7 +567,8 @@ class TeacherCache:
                 raise UserError(
                     f"teacher cache {self.directory} has no epoch {epoch} (it holds {self.epochs})."
                 )
-            self._groups = (epoch, _row_groups(self.directory / DATA_DIR / f"epoch-{epoch:05d}"))
+            folder = self.directory / DATA_DIR / f"epoch-{epoch:05d}"
+            self._groups = (epoch, _row_groups(folder, self.global_batch_size))
         return self._groups[1]
 
     def _window_for(self, epoch: int, batch: int, offsets: tuple[int, int]) -> _Window:
@@ -622,6 +749,7 @@ def write_teacher_cache(
     metadata = {
         "format": CACHE_FORMAT,
         **run,
+        "pixels": {"batches": PIXEL_CHECK_BATCHES, "sha256": views_sha256(trainer, PIXEL_CHECK_BATCHES)},
         "storage": {
             "epochs": epochs,
             "top_k": top_k,
@@ -688,7 +816,9 @@ def _skip_first_batches(loader: Any, done: int) -> Any:
 def _start_or_resume(directory: Path, metadata: dict[str, Any], is_main: bool) -> None:
     if (directory / METADATA_FILE).is_file():
         existing = read_metadata(directory)
-        lines = mismatches(existing, metadata)
+        lines = mismatches(existing, metadata) + version_mismatches(existing, metadata)
+        if existing.get("pixels") != metadata["pixels"]:
+            lines.append(f"pixels: {existing.get('pixels')!r} in the cache, {metadata['pixels']!r} here")
         lines += [
             f"storage.{name}: {existing['storage'].get(name)!r} in the cache, {value!r} here"
             for name, value in metadata["storage"].items()

@@ -361,7 +361,11 @@ class DistillationTrainer(Trainer):
             teacher_logits = self.teacher_logits(inputs["pixel_values"])
         elif self.teacher_cache is not None and view_keys is not None:
             hard = self.distillation_loss.distillation_type == "hard"
+            # Looked up on the host by the host-side keys; the result crosses to the device once.
             teacher_logits = self.teacher_cache.teacher_logits(view_keys, hard=hard)
+            if self.args.device.type == "cuda":
+                teacher_logits = teacher_logits.pin_memory()
+            teacher_logits = teacher_logits.to(self.args.device, non_blocking=True)
         else:
             teacher_logits = None
         terms = self.distillation_loss(outputs, labels, teacher_logits)
@@ -443,6 +447,7 @@ class DistillationTrainer(Trainer):
             self.train_dataset, self.data_collator = dataset, collator
         if self.teacher_cache is not None:
             self.teacher_cache.check_epochs(run_epochs(self.args, len(loader)))
+            self.teacher_cache.check_pixels(self)  # the views replay as they were cached
         return loader
 
     def _check_view_layout(self, views: SeededViews) -> None:
