@@ -28,7 +28,7 @@ from PIL import Image
 
 from deit_distill.training.arguments import DataArguments, check_data_arguments
 from deit_distill.training.commands.cli import main as cli
-from deit_distill.training.data import CorruptImageError, decode_image, scan_images
+from deit_distill.training.data import CorruptImageError, decode_image, load_unlabeled_images, scan_images
 from deit_distill.training.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -260,6 +260,25 @@ def test_every_format_loads_the_images_and_labels_that_were_written(
         assert len(got["validation"]) == round(0.1 * len(reference("train")))
 
 
+@pytest.mark.parametrize(
+    "kind", ["imagefolder", "csv", "parquet folder", "save_to_disk Dataset", "raw image bytes"]
+)
+def test_every_format_serves_unlabelled_images(kind, tmp_path, tmp_path_factory, monkeypatch):
+    """Without labels (`--unlabeled_dataset`): the same sources give their images, label columns and class
+    folders ignored."""
+    write, _, _ = FORMATS[kind]
+    source = write(tmp_path / "case", "string", "relative")
+    monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))
+    images = load_unlabeled_images(str(source), cache_dir=str(tmp_path / "cache"))
+    assert images.column_names == ["image"]
+    stored = images.cast_column("image", datasets.Image(decode=False))["image"]
+    got = [
+        digest(np.asarray(Image.open(io.BytesIO(v["bytes"] or Path(v["path"]).read_bytes())).convert("RGB")))
+        for v in stored
+    ]
+    assert sorted(got) == sorted(row[0] for row in reference("train"))
+
+
 def test_columns_are_found_by_their_obvious_names_and_the_choice_is_logged(tmp_path, caplog):
     source = single_file("csv")(tmp_path, "string", "relative")
     with caplog.at_level("INFO", logger="deit_distill.training.data"):
@@ -397,6 +416,15 @@ def test_a_path_column_pointing_at_missing_files(tmp_path):
         in message
     )
     assert "Relative paths are read against the folder of the data file" in message
+
+
+def test_a_damaged_save_to_disk_folder(tmp_path):
+    source = saved(as_dict=True)(tmp_path, "string", "absolute")
+    for arrow in source.glob("train/*.arrow"):
+        arrow.write_bytes(b"truncated")
+    with pytest.raises(UserError) as error:
+        load(tmp_path, dataset_name=str(source))
+    assert f"--dataset_name {source}: cannot read this save_to_disk folder (" in one_line(error)
 
 
 def test_a_single_class_folder_is_not_told_to_set_the_label_column(tmp_path):

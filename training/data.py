@@ -279,7 +279,14 @@ def load_source(
         files = _tables_by_split(path, contents.tables, source, flag)
         splits = _load_tables(files, source, image_column, cache_dir, flag)
     elif kind == "saved":
-        saved = datasets.load_from_disk(str(path))
+        try:
+            saved = datasets.load_from_disk(str(path))
+        except Exception as error:  # a damaged save_to_disk folder: name it, with `datasets`' reason
+            reason = _innermost(error)
+            raise UserError(
+                f"{flag} {source}: cannot read this save_to_disk folder ({type(reason).__name__}: "
+                f"{str(reason).splitlines()[0] if str(reason) else 'no detail'}); save it again."
+            ) from error
         saved = saved if isinstance(saved, datasets.DatasetDict) else {"train": saved}
         splits = {
             name: _with_paths_resolved(split, image_column, path, source, flag)
