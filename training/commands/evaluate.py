@@ -1,14 +1,16 @@
 """`deit-distill eval MODEL_OR_RUN [ARGS]`: top-1/top-5 of every head (and the teacher) on a dataset split.
 
 A run directory is evaluated on exactly its own evaluation split (the dataset, splits, columns, subset sizes,
-seed and held-out fraction its run record holds), with its teacher and loss, and the metrics come out as JSON
-with the keys of its `eval_results.json`: it reproduces them. The data flags are those of `train` and override
+seed and held-out fraction its run record holds), with its teacher and loss, in its precision, and the metrics
+come out as JSON with the keys of its `eval_results.json`: it reproduces them. A run trained from a teacher
+cache was evaluated without a teacher, so it is here too unless `--teacher` names one. The data flags are those of `train` and override
 the record; a model without a record (a Hub id, a converted folder) needs at least `--dataset_name`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import tempfile
@@ -32,7 +34,11 @@ from deit_distill.training.transforms import build_eval_transform, with_image_tr
 
 from .flags import DataclassParser, dataclass_help
 
-USAGE = "deit-distill eval MODEL_OR_RUN [--dataset_name ...] [--teacher T|none] [--seed S] [--batch_size N]"
+logger = logging.getLogger(__name__)
+USAGE = (
+    "deit-distill eval MODEL_OR_RUN [--dataset_name ...] [--teacher T|none] [--seed S] [--batch_size N] "
+    "[--precision fp32|bf16|fp16]"
+)
 
 
 @dataclass
@@ -47,6 +53,10 @@ class EvalArguments:
         default=None, metadata={"help": "Seed of the held-out split and the subsets; a run's own by default."}
     )
     batch_size: int = field(default=64, metadata={"help": "Images per forward pass."})
+    precision: str | None = field(
+        default=None,
+        metadata={"help": "fp32, bf16 or fp16 (a GPU's); a run's own mixed precision by default, else fp32."},
+    )
 
 
 HELP_GROUPS = (
@@ -104,6 +114,7 @@ def evaluate_model(
     record = RunRecord.read(model_path) if RunRecord.exists(model_path) else None
     teacher = _teacher(eval_args.teacher, record)
     loss = _loss(record, teacher)
+    precision = _precision(eval_args.precision, record)
     with tempfile.TemporaryDirectory() as output_dir:
         args = TrainingArguments(
             output_dir=output_dir,
@@ -111,6 +122,8 @@ def evaluate_model(
             report_to="none",
             remove_unused_columns=False,
             use_cpu=not torch.cuda.is_available(),
+            bf16=precision == "bf16",
+            fp16=precision == "fp16",
         )
         trainer = DistillationTrainer(
             model=model,
@@ -129,9 +142,27 @@ def evaluate_model(
     return metrics
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def _precision(flag: str | None, record: RunRecord | None) -> str:
+    """The precision to evaluate in: the flag's, else the run's own (as training evaluated), else fp32."""
+    precision = flag or (record.training.get("mixed_precision") if record else None) or "fp32"
+    if precision not in PRECISIONS:
+        raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
+    if precision == "fp16" and not torch.cuda.is_available():
+        if flag:
+            raise UserError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on this machine.")
+        logger.warning("The run trained in fp16, which needs a CUDA GPU; evaluating in fp32 here.")
+        return "fp32"
+    return precision
+
+
 def _teacher(flag: str | None, record: RunRecord | None) -> str | None:
     if flag is not None:
         return None if flag.lower() == "none" else flag
+    if record is not None and record.distillation.get("teacher_cache"):
+        return None  # trained from a cache: its evaluation ran no teacher, and this one reproduces it
     teacher = record.distillation.get("teacher") if record else None
     if (
         teacher
