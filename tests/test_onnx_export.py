@@ -1,7 +1,9 @@
 """ONNX export (`deit-distill export`), int8 quantization and the pipeline-shaped ONNX Runtime runner.
 
-References are independent of the code under test: PyTorch's own forward for the exported graph, and
-`pipeline("image-classification")` on the saved PyTorch model for the runner.
+References are independent of the code under test: PyTorch's own forward for the exported graph; for the runner,
+the PyTorch model's softmax on pixels checked against a PIL/NumPy resize and normalisation written here (and
+`pipeline("image-classification")` on the saved model); for the int8 figures, each ONNX file run here on the run's
+evaluation split and the PyTorch model's top-1 from `deit-distill eval`.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import ResNetConfig, ResNetForImageClassification, pipeline
+from transformers import AutoImageProcessor, ResNetConfig, ResNetForImageClassification, pipeline
 
 from deit_distill.modeling_deit_distill import (
     DeiTDistillConfig,
@@ -22,6 +24,7 @@ from deit_distill.modeling_deit_distill import (
     DeiTDistillImageClassificationPipeline,
     build_image_processor,
 )
+from deit_distill.modeling_deit_distill.pipeline_deit_distill import to_rgb
 from deit_distill.training.commands.cli import main as cli
 from deit_distill.training.onnx_export import export_onnx
 from deit_distill.training.run_record import RunRecord
@@ -125,6 +128,25 @@ def test_runner_returns_the_pipelines_labels_and_scores_on_the_same_images(
         assert_same_predictions(got, want)
     assert_same_predictions(runner(images[0]), runner(images, top_k=5)[0])  # one image: one list
 
+    # Against the PyTorch model itself: the runner's pixels of a smooth RGB image are a bicubic resize to 32x32
+    # and the processor's normalisation (PIL/NumPy here; PIL and torchvision round a level apart), and its scores
+    # are the softmax of the PyTorch model's logits on the pixels it computes.
+    y, x = np.mgrid[0:50, 0:37]
+    smooth = np.stack([x * 6, y * 5, (x + y) * 3], axis=-1).astype(np.uint8)
+    mean, std = np.array(runner.image_processor.image_mean), np.array(runner.image_processor.image_std)
+    resized = np.asarray(Image.fromarray(smooth).resize((32, 32), Image.Resampling.BICUBIC), np.float64) / 255
+    reference = ((resized - mean) / std).transpose(2, 0, 1)
+    levels = np.abs(runner.preprocess([Image.fromarray(smooth)])[0] - reference) * std[:, None, None] * 255
+    assert levels.max() <= 1.0 + 1e-4 and levels.mean() < 0.5
+    pixels = runner.preprocess(images)
+    model = DeiTDistillForImageClassification.from_pretrained(tiny_model_dir).eval()
+    with torch.no_grad():
+        probabilities = model(pixel_values=torch.from_numpy(pixels)).logits.softmax(-1)
+    for got, row in zip(runner(images, top_k=3), probabilities, strict=True):
+        top = row.topk(3)
+        assert [p["label"] for p in got] == [model.config.id2label[int(i)] for i in top.indices]
+        assert [p["score"] for p in got] == pytest.approx(top.values.tolist(), abs=1e-5)
+
 
 def test_int8_export_is_smaller_and_runs(exported):
     int8 = exported / "model_int8.onnx"
@@ -137,13 +159,19 @@ def test_int8_export_is_smaller_and_runs(exported):
 
 
 @pytest.mark.parametrize("mode", ["dynamic", "static"])
-def test_int8_of_a_run_reports_top1_of_both_on_its_evaluation_split(mode, tiny_model_dir, tmp_path, capsys):
-    import shutil
-
-    run = Path(shutil.copytree(tiny_model_dir, tmp_path / "run"))
+def test_int8_of_a_run_reports_top1_of_both_on_its_evaluation_split(mode, tmp_path, capsys):
+    run = tmp_path / "run"
+    classes = ["bird", "cat", "dog", "fish", "frog"]  # the image folder's label order
+    config = DeiTDistillConfig(
+        image_size=32, **{**TINY, "num_labels": 5}, id2label=dict(enumerate(classes)),
+        label2id={name: i for i, name in enumerate(classes)},
+    )  # fmt: skip
+    torch.manual_seed(0)
+    DeiTDistillForImageClassification(config).save_pretrained(run)
+    build_image_processor(config, crop_pct=1.0).save_pretrained(run)
     data = tmp_path / "data"
     rng = np.random.default_rng(0)
-    for label in ("cat", "dog", "bird", "fish", "frog"):  # 4 images a class, half held out for evaluation
+    for label in classes:  # 4 images a class, half held out for evaluation
         (data / label).mkdir(parents=True)
         for i in range(4):
             Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(data / label / f"{i}.png")
@@ -154,7 +182,28 @@ def test_int8_of_a_run_reports_top1_of_both_on_its_evaluation_split(mode, tiny_m
     assert "top-1 on the run's evaluation split (10 images)" in capsys.readouterr().out
     measured = json.loads((tmp_path / "out" / "onnx_export.json").read_text())["int8"]
     assert measured["mode"] == mode and measured["num_images"] == 10
-    assert 0 <= measured["int8_top1"] <= 100 and 0 <= measured["agreement"] <= 100
+
+    # The reference: the run's evaluation split as `eval` reads it, each ONNX file run here on the saved
+    # processor's pixels, and the PyTorch model's own top-1 from `deit-distill eval`.
+    record = RunRecord.read(run)
+    split = record.data_arguments().load(seed=record.seed, unlabeled=False)["validation"]
+    processor = AutoImageProcessor.from_pretrained(run)
+    pixels = processor(images=[to_rgb(image) for image in split["image"]], return_tensors="np")[
+        "pixel_values"
+    ]
+    labels = np.array(split["label"])
+    predicted = {
+        name: ort.InferenceSession(str(tmp_path / "out" / file), providers=["CPUExecutionProvider"])
+        .run(["logits"], {"pixel_values": pixels.astype(np.float32)})[0]
+        .argmax(-1)
+        for name, file in (("fp32", "model.onnx"), ("int8", "model_int8.onnx"))
+    }
+    assert measured["int8_top1"] == pytest.approx(100 * (predicted["int8"] == labels).mean())
+    assert measured["agreement"] == pytest.approx(100 * (predicted["int8"] == predicted["fp32"]).mean())
+    capsys.readouterr()
+    assert cli(["eval", str(run)]) == 0
+    pytorch_top1 = json.loads(capsys.readouterr().out)["eval_avg_top1"]
+    assert 100 * (predicted["fp32"] == labels).mean() == pytest.approx(100 * pytorch_top1)
 
 
 def test_predict_onnx_prints_the_runners_predictions(exported, tmp_path, capsys):
