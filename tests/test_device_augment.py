@@ -8,6 +8,7 @@ documented here (PyTorch's bicubic is a = -0.75 without antialias, PIL's a = -0.
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import pytest
@@ -424,3 +425,50 @@ def test_a_teacher_cache_of_the_other_path_is_refused_naming_the_field(trained_r
     ]
     with pytest.raises(UserError, match=r"views\.augment_on"):
         main([*run, "--augment_on", "device", "--output_dir", str(tmp_path / "run")])
+
+
+def tiny_recipe(tmp_path) -> str:
+    recipe = {
+        "dataset_name": "fashion_mnist",
+        "max_train_samples": 20,
+        "max_eval_samples": 10,
+        "image_size": 28,
+        "crop_pct": 1.0,
+        "config_overrides": "patch_size=7,hidden_size=24,num_hidden_layers=1,num_attention_heads=2",
+        "augmentation": "deit",
+        "output_dir": str(tmp_path / "never_written"),
+        "seed": 0,
+    }
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(recipe))
+    return str(path)
+
+
+@pytest.mark.parametrize("augment_on", ["workers", "device"])
+def test_views_command_draws_a_grid_of_images_and_their_views_through_either_path(tmp_path, augment_on):
+    from deit_distill.training.commands.views import main
+
+    output = tmp_path / "views.png"
+    argv = [tiny_recipe(tmp_path), "--output", str(output), "--num_images", "2", "--num_views", "3"]
+    assert main([*argv, "--augment_on", augment_on, "--epoch", "4"]) == 0
+    sheet = Image.open(output)
+    cell = 112  # 28 px views enlarged 4x
+    assert sheet.size == (4 * (cell + 4) + 4, 20 + 2 * (cell + 4) + 4)
+    assert not (tmp_path / "never_written").exists()
+
+
+def test_views_command_refuses_to_overwrite_and_names_bad_flags(tmp_path):
+    from deit_distill.training.commands.views import main
+    from deit_distill.training.errors import UserError
+
+    output = tmp_path / "views.png"
+    output.write_bytes(b"mine")
+    with pytest.raises(UserError, match="--overwrite true"):
+        main([tiny_recipe(tmp_path), "--output", str(output)])
+    assert output.read_bytes() == b"mine"
+    with pytest.raises(UserError, match="--num_views must be >= 1"):
+        main([tiny_recipe(tmp_path), "--output", str(tmp_path / "v.png"), "--num_views", "0"])
+    with pytest.raises(UserError, match="augment_on"):
+        main([tiny_recipe(tmp_path), "--output", str(tmp_path / "v.png"), "--augment_on", "gpu"])
+    with pytest.raises(UserError, match="neither a recipe"):
+        main([str(tmp_path / "missing"), "--output", str(tmp_path / "v.png")])

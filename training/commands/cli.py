@@ -11,6 +11,7 @@ deit-distill push RUN_DIR --repo_id ID      push a run to the Hub (optionally wi
 deit-distill demo                           the end-to-end Fashion-MNIST demo
 deit-distill cache-teacher ARGS --teacher_cache DIR   run the teacher once over every training view (train's ARGS)
 deit-distill push-cache DIR --repo_id ID    push a teacher cache to the Hub as a dataset repo
+deit-distill views RECIPE_OR_RUN --output views.png   a grid of training images and their views at an epoch
 
 Every flag is accepted as --foo_bar and as --foo-bar; `deit-distill COMMAND --help` lists a command's flags.
 Expected errors (a bad flag value, a missing file, a misspelt flag) print one line, `deit-distill: error: ...`,
@@ -40,6 +41,7 @@ COMMANDS = {
     "cache-teacher": "cache_teacher",
     "analyze": "analyze",
     "push-cache": "push_cache",
+    "views": "views",
 }
 _EXPECTED_ERRORS = (UserError, FileNotFoundError, CorruptImageError)
 
