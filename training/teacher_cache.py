@@ -316,6 +316,12 @@ def _damaged(file: Path, error: Exception) -> UserError:
     )
 
 
+def check_cache_files(directory: str | os.PathLike) -> None:
+    """The cache's own files are readable (its metadata, every shard's footer): one line naming a damaged one."""
+    read_metadata(directory)
+    check_shards(Path(directory))
+
+
 def check_shards(directory: Path) -> None:
     """Every shard's footer is readable (a truncated parquet file loses it): fail when the cache is opened, not
     in the middle of training."""

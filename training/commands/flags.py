@@ -18,6 +18,7 @@ from transformers import HfArgumentParser
 from deit_distill.training.errors import UserError
 
 _UNRECOGNIZED = re.compile(r"^unrecognized arguments: (.*)$")
+_ALIASES = re.compile(r"(--[\w]+)(/--[\w-]+)+")
 
 
 def add_flag(parser: argparse.ArgumentParser, name: str, **kwargs: Any) -> None:
@@ -70,7 +71,9 @@ class _OneLineErrors:
         match = _UNRECOGNIZED.match(message)
         if match:
             raise unknown_arguments_error(match.group(1).split(), option_names(self))
-        raise UserError(f"{message.rstrip('.')}.")
+        # "argument --max_steps/--max-steps: invalid int value: 'abc'": the flag once, as the user may write it.
+        message = _ALIASES.sub(r"\1", message).rstrip(".")
+        raise UserError(f"{message}.")
 
 
 class CommandParser(_OneLineErrors, argparse.ArgumentParser):
@@ -79,6 +82,25 @@ class CommandParser(_OneLineErrors, argparse.ArgumentParser):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+
+    def parse_args(self, args: Any = None, namespace: Any = None) -> argparse.Namespace:
+        # A misspelt flag first: argparse would otherwise report the flag it hides as "required".
+        known = _all_option_names(self)
+        for token in args or ():
+            name = token.split("=")[0]
+            if name.startswith("--") and name.replace("-", "_").replace("__", "--", 1) not in known:
+                raise UserError(unknown_flag_message(name, known))
+        return super().parse_args(args, namespace)
+
+
+def _all_option_names(parser: argparse.ArgumentParser) -> list[str]:
+    """The parser's flags and those of its sub-commands (card, push)."""
+    names = option_names(parser)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for subparser in action.choices.values():
+                names += option_names(subparser)
+    return names
 
 
 class DataclassParser(_OneLineErrors, HfArgumentParser):

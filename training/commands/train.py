@@ -39,7 +39,7 @@ from deit_distill.training.arguments import (
     check_training_arguments,
     check_unlabeled_arguments,
 )
-from deit_distill.training.checkpoints import read_json_file
+from deit_distill.training.checkpoints import check_model_folder, read_json_file
 from deit_distill.training.collator import DistillationCollator
 from deit_distill.training.data import count_unlabeled
 from deit_distill.training.errors import Interrupted, UserError
@@ -49,7 +49,7 @@ from deit_distill.training.losses import DistillationLoss
 from deit_distill.training.models import BuiltModel, build_model
 from deit_distill.training.run_record import RUN_RECORD_FILE, RunRecord, hub_dataset_id, hub_model_id
 from deit_distill.training.teacher import load_teacher, load_teacher_image_processor
-from deit_distill.training.teacher_cache import TeacherCache, open_for_run
+from deit_distill.training.teacher_cache import TeacherCache, check_cache_files, open_for_run
 from deit_distill.training.trainer import DistillationTrainer, last_complete_checkpoint
 from deit_distill.training.transforms import (
     build_eval_transform,
@@ -355,6 +355,13 @@ def run_training(
     check_settings_take_effect(
         model_args, augmentation_args, distill_args, run_args, training_args, cache_args
     )
+    # Damaged files or a model of the wrong kind, named before the data is read or anything is written.
+    if model_args.model_name_or_path:
+        check_model_folder(model_args.model_name_or_path, "--model_name_or_path")
+    if distill_args.teacher and distill_args.distillation_type != "none":
+        check_model_folder(distill_args.teacher, "--teacher")
+    if cache_args.teacher_cache and distill_args.distillation_type != "none":
+        check_cache_files(cache_args.teacher_cache)
     with hold_folder(
         training_args.output_dir,
         "--output_dir",
