@@ -10,6 +10,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -137,6 +138,52 @@ def test_paper_table_quick_writes_every_row_with_a_plot_and_the_per_seed_numbers
         == set(runs["teacher_agreement"])
         == {"convnet/light/0", "transformer/light/0"}
     )
+
+
+def test_each_verdict_in_the_table_follows_from_the_per_seed_numbers(table):
+    # Recomputed here from paper_table.json: the per-seed differences in points, their mean, the seeds won, and
+    # "within noise" when the mean is no larger than the spread (one seed: no spread, so held or not).
+    paper_table = sys.modules["paper_table"]
+    runs = json.loads((table / "paper_table.json").read_text())
+    document = (table / "RESULTS.md").read_text()
+    section = document.split("## Augmentation `light`")[1].split("\n## ")[0]
+    shown = dict(
+        re.findall(r"^\| (.+?) \| ((?:held|did not hold|within noise) \(.*?\)) \|$", section, re.MULTILINE)
+    )
+    assert len(shown) == len(paper_table.CLAIMS)
+    seeds = runs["config"]["seeds"]
+    for claim, (run, head), (other, other_head) in paper_table.CLAIMS:
+        better = [runs["students"][f"light/{run}/{seed}"][head] for seed in seeds]
+        worse = [runs["students"][f"light/{other}/{seed}"][other_head] for seed in seeds]
+        diffs = [100 * b - 100 * w for b, w in zip(better, worse, strict=True)]
+        mean = sum(diffs) / len(diffs)
+        spread = (sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)) ** 0.5 if len(diffs) > 1 else 0.0
+        call = (
+            "within noise"
+            if len(diffs) > 1 and abs(mean) <= spread
+            else "held"
+            if mean > 0
+            else "did not hold"
+        )
+        wins = sum(d > 0 for d in diffs)
+        assert shown[claim] == f"{call} ({mean:+.1f} points, {wins}/{len(diffs)} seeds)", claim
+
+
+def test_verdict_against_hand_computed_cases():
+    verdict = sys.modules["paper_table"].verdict if "paper_table" in sys.modules else None
+    if verdict is None:
+        spec = importlib.util.spec_from_file_location(
+            "paper_table_verdict", ROOT / "bench" / "paper_table.py"
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["paper_table_verdict"] = module
+        spec.loader.exec_module(module)
+        verdict = module.verdict
+    # +20 and -5 points: mean +7.5, sample spread 17.7 -> within noise, 1 of 2 seeds.
+    assert verdict([0.80, 0.70], [0.60, 0.75]) == "within noise (+7.5 points, 1/2 seeds)"
+    # +2, +3, +4: mean +3.0, spread 1.0 -> held, 3 of 3.
+    assert verdict([0.52, 0.53, 0.54], [0.50, 0.50, 0.50]) == "held (+3.0 points, 3/3 seeds)"
+    assert verdict([0.40], [0.45]) == "did not hold (-5.0 points, 0/1 seeds)"
 
 
 def test_paper_table_unlabeled_part_trains_on_the_unpicked_rows_for_equal_steps(table):

@@ -26,6 +26,7 @@ from transformers import (
 from deit_distill.training.arguments import DataArguments, check_data_arguments, dataclass_from_dict
 from deit_distill.training.checkpoints import check_model_folder, check_model_source
 from deit_distill.training.collator import DistillationCollator
+from deit_distill.training.device_augment import AUGMENT_ON
 from deit_distill.training.errors import MissingPathError, UserError
 from deit_distill.training.losses import DistillationLoss
 from deit_distill.training.run_record import RunRecord
@@ -39,6 +40,16 @@ USAGE = (
     "deit-distill eval MODEL_OR_RUN [--dataset_name ...] [--teacher T|none] [--seed S] [--batch_size N] "
     "[--precision fp32|bf16|fp16]"
 )
+
+
+# `--augment_on` is accepted by eval and analyze as train takes it (a run's flags can be passed along); they see
+# the eval transform either way, so it is only checked.
+AUGMENT_ON_HELP = "workers or device, as in train; evaluation sees the eval transform either way."
+
+
+def check_augment_on(value: str | None) -> None:
+    if value is not None and value not in AUGMENT_ON:
+        raise UserError(f"--augment_on must be one of {', '.join(AUGMENT_ON)}, got {value!r}.")
 
 
 @dataclass
@@ -57,6 +68,7 @@ class EvalArguments:
         default=None,
         metadata={"help": "fp32, bf16 or fp16 (a GPU's); a run's own mixed precision by default, else fp32."},
     )
+    augment_on: str | None = field(default=None, metadata={"help": AUGMENT_ON_HELP})
 
 
 HELP_GROUPS = (
@@ -112,7 +124,10 @@ def evaluate_model(
             "dataset the model was trained for (--dataset_name, --label_column)."
         )
     record = RunRecord.read(model_path) if RunRecord.exists(model_path) else None
-    teacher = _teacher(eval_args.teacher, record)
+    if eval_args.teacher is None and record is not None and record.distillation.get("teacher_cache"):
+        teacher = None  # trained from a cache: its evaluation ran no teacher, and this one reproduces it
+    else:
+        teacher = _teacher(eval_args.teacher, record)
     loss = _loss(record, teacher)
     precision = _precision(eval_args.precision, record)
     with tempfile.TemporaryDirectory() as output_dir:
@@ -161,8 +176,6 @@ def _precision(flag: str | None, record: RunRecord | None) -> str:
 def _teacher(flag: str | None, record: RunRecord | None) -> str | None:
     if flag is not None:
         return None if flag.lower() == "none" else flag
-    if record is not None and record.distillation.get("teacher_cache"):
-        return None  # trained from a cache: its evaluation ran no teacher, and this one reproduces it
     teacher = record.distillation.get("teacher") if record else None
     if (
         teacher
@@ -205,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     check_model_source(model, "eval")
     check_model_folder(model, "eval")
     refuse_training_only_flags(rest, "eval")
+    check_augment_on(eval_args.augment_on)
     if eval_args.batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {eval_args.batch_size}.")
     data_args, seed = resolve_data(model, rest, data_args, eval_args.seed)
