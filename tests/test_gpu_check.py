@@ -42,10 +42,9 @@ def test_gpu_check_smoke(tmp_path: Path) -> None:
     assert ("DeiT-S", "live teacher", "compiled", "NCHW") in modes
     assert any(mode[1] == "teacher only" for mode in modes)
     assert all(row["images_per_s"] > 0 and row["ms_per_step"] > 0 for row in training["rows"])
-    # The teacher-cache row exists exactly when the module does; otherwise the skip is recorded.
-    has_cache = (REPO / "training" / "teacher_cache.py").exists()
-    assert any(mode[1] == "teacher cache" for mode in modes) == has_cache
-    assert ("teacher cache" in training["skipped_or_failed"]) != has_cache
+    # The student trained from a teacher cache: its row is there, and nothing was skipped or failed.
+    assert ("DeiT-S", "teacher cache", "compiled", "cached logits") in modes
+    assert "teacher cache" not in training["skipped_or_failed"]
 
     feed = results["data_feed"]
     assert [row["workers"] for row in feed["rows"]] == [0, 2]
