@@ -22,14 +22,20 @@ data:
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; }
 
 # transformers' common model tests ship in its sdist, not its wheel: tests/test_transformers_common.py runs them
-# from .transformers_sdist/ and skips when this step could not download them (offline).
+# from .transformers_sdist/ and skips when this step could not download them (offline). In CI (CI=true) a failed
+# download fails this step, loudly, and the test module fails too.
 transformers-sdist: $(STAMP)
 	@version=$$($(PY) -c "import transformers; print(transformers.__version__)"); \
 	test -f .transformers_sdist/transformers-$$version/tests/test_modeling_common.py || { \
 		mkdir -p .transformers_sdist && \
 		$(PY) -m pip download -q --no-binary :all: --no-deps transformers==$$version -d .transformers_sdist && \
 		tar xzf .transformers_sdist/transformers-$$version.tar.gz -C .transformers_sdist transformers-$$version/tests; \
-	} || echo "transformers $$version sdist unavailable (offline?): its common model tests will be skipped"
+	} || { \
+		case "$$CI" in \
+			1|true|TRUE|True|yes) echo "ERROR: transformers $$version sdist could not be downloaded, and CI=true needs its common model tests" >&2; exit 1;; \
+			*) echo "transformers $$version sdist unavailable (offline?): its common model tests will be skipped";; \
+		esac; \
+	}
 
 demo: $(STAMP) data
 	$(VENV)/bin/deit-distill demo --output_dir runs/demo

@@ -2,7 +2,7 @@
 
 The mixins are not copied here: they are imported from the transformers sdist of the installed version, which
 `make` extracts into `.transformers_sdist/` (or point `TRANSFORMERS_SDIST` at an extracted sdist). Without it,
-this module skips. The sdist ships the common test files but not three helper modules they import; those are
+this module skips, except in CI (`CI=true`), where it fails. The sdist ships the common test files but not three helper modules they import; those are
 supplied below as stand-ins (see `_install_stand_ins`), which only drops the export tests of
 `ExportTesterMixin`. What is ours is the model tester, written as transformers writes one per model (after its
 DeiT tester), and our class names registered where the mixins look names up.
@@ -31,12 +31,18 @@ SDIST = Path(
 )
 PACKAGE = "transformers_sdist_tests"
 
+# In CI (CI=true) these tests must run: a missing sdist or `parameterized` is a failure there, a skip elsewhere.
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
 if not (SDIST / "tests" / "test_modeling_common.py").is_file():
-    pytest.skip(
-        f"transformers {transformers.__version__} sdist not found at {SDIST} (run `make transformers-sdist`)",
-        allow_module_level=True,
-    )
-pytest.importorskip("parameterized", reason="transformers' common tests need `parameterized` (dev extra)")
+    missing = f"transformers {transformers.__version__} sdist not found at {SDIST} (run `make transformers-sdist`)"
+    if IN_CI:
+        pytest.fail(f"CI=true: {missing}; the common model tests must run in CI.", pytrace=False)
+    pytest.skip(missing, allow_module_level=True)
+if IN_CI:
+    import parameterized  # noqa: F401  (an ImportError fails the module in CI)
+else:
+    pytest.importorskip("parameterized", reason="transformers' common tests need `parameterized` (dev extra)")
 
 
 def _install_stand_ins() -> None:
