@@ -81,10 +81,22 @@ def make_images(folder: Path, count: int, classes: int = 100) -> None:
 
 def start_once(folder: Path, cache: Path, output_dir: Path) -> dict[str, float]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
-    argv = [*RUN, "--dataset_name", str(folder), "--output_dir", str(output_dir), "--overwrite_output_dir", "true"]
+    argv = [
+        *RUN,
+        "--dataset_name",
+        str(folder),
+        "--output_dir",
+        str(output_dir),
+        "--overwrite_output_dir",
+        "true",
+    ]
     started = time.time()
     done = subprocess.run(
-        [sys.executable, "-c", CHILD, str(started), *argv], env=env, capture_output=True, text=True, timeout=3600
+        [sys.executable, "-c", CHILD, str(started), *argv],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
     )
     lines = [line for line in done.stdout.splitlines() if line.startswith("STAMPS ")]
     if not lines:
@@ -119,12 +131,11 @@ def old_dataset_sha256(dataset, num_images: int = 64) -> str:
     return digest.hexdigest()
 
 
-def hash_costs(folder: Path, cache: Path) -> dict[str, float]:
-    import datasets
-
+def hash_costs(folder: Path) -> dict[str, float]:
+    from deit_distill.training.data import _list_folder, class_folders_dataset
     from deit_distill.training.teacher_cache import dataset_sha256
 
-    dataset = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train", cache_dir=str(cache))
+    dataset = class_folders_dataset(folder, _list_folder(folder))["train"]
     shuffled = dataset.shuffle(seed=0)  # with an indices mapping, as a split or subset makes it
     result = {"rows": len(dataset)}
     for name, rows in (("plain", dataset), ("indexed", shuffled)):
@@ -141,8 +152,12 @@ def hash_costs(folder: Path, cache: Path) -> dict[str, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--folders", type=Path, nargs="+", required=True, help="Image folders, smallest first.")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--folders", type=Path, nargs="+", required=True, help="Image folders, smallest first."
+    )
     parser.add_argument("--make_images", nargs="*", default=[], help="FOLDER:COUNT to write first.")
     parser.add_argument("--hash", action="store_true", help="Also time dataset_sha256 on the largest folder.")
     parser.add_argument("--out", type=Path, help="Write the results as JSON here.")
@@ -175,12 +190,14 @@ def main() -> None:
                 results[f"{which}_start_fit"] = {
                     "fixed_s": fixed,
                     "per_image_us": per_image * 1e6,
-                    "data_per_image_us": (large["data"] - small["data"]) / (large["images"] - small["images"]) * 1e6,
+                    "data_per_image_us": (large["data"] - small["data"])
+                    / (large["images"] - small["images"])
+                    * 1e6,
                     "imagenet_s": fixed + per_image * IMAGENET_IMAGES,
                 }
                 print(which, json.dumps(results[f"{which}_start_fit"]), flush=True)
         if args.hash:
-            results["dataset_sha256"] = hash_costs(args.folders[-1], Path(scratch) / f"cache-{args.folders[-1].name}")
+            results["dataset_sha256"] = hash_costs(args.folders[-1])
             print(json.dumps(results["dataset_sha256"]), flush=True)
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
