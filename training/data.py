@@ -3,9 +3,9 @@
 Every source (`load_source`: an imagefolder, a CSV/JSON/JSONL/parquet file or folder of them, a `save_to_disk`
 folder, Fashion-MNIST or a Hub id) comes out the same way: an `image` column (`datasets.Image`, decodes to PIL)
 and a `label` column (`datasets.ClassLabel`, with class names), whatever the source called them. Loading opens no
-image (start-up does not grow with decoding); class mistakes are refused here, before a run writes anything. Decoding goes through
-`decode_image`, which turns every image mode into upright RGB with `to_rgb` (the function the saved pipeline
-uses, so inference sees the same pixels) and names the file and index when an image is corrupt.
+image; class mistakes are refused here, before a run writes anything. Decoding goes through `decode_image`, which
+turns every image mode into upright RGB with `to_rgb` (the function the saved pipeline uses, so inference sees the
+same pixels) and names the file and index when an image is corrupt.
 """
 
 from __future__ import annotations
