@@ -169,6 +169,20 @@ def test_each_verdict_in_the_table_follows_from_the_per_seed_numbers(table):
         assert shown[claim] == f"{call} ({mean:+.1f} points, {wins}/{len(diffs)} seeds)", claim
 
 
+def test_the_document_names_the_machine_that_ran_it(table):
+    import os
+    import platform
+
+    import torch
+
+    document = (table / "RESULTS.md").read_text()
+    assert "shared 2-core" not in document
+    machine = json.loads((table / "paper_table.json").read_text())["machine"]
+    assert f"wall clock on {machine})" in document.splitlines()[2]
+    for fact in (platform.system(), f"{os.cpu_count()} CPU cores", f"torch {torch.__version__}"):
+        assert fact in machine
+
+
 def test_verdict_against_hand_computed_cases():
     verdict = sys.modules["paper_table"].verdict if "paper_table" in sys.modules else None
     if verdict is None:
