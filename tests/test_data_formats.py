@@ -326,6 +326,24 @@ def test_the_load_reads_no_image_unless_asked(tmp_path, monkeypatch):
         decode_image(stored[index], index)
 
 
+def test_a_corrupt_image_read_in_a_worker_stays_one_line(tmp_path):
+    """A data-loader worker's error comes back through torch's `ExceptionWrapper`, with the worker's traceback
+    in its message; the error the command prints is still the one line naming the file."""
+    from torch._utils import ExceptionWrapper
+
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    try:
+        decode_image(str(tmp_path / "bad.png"), 3)
+    except CorruptImageError:
+        wrapper = ExceptionWrapper(sys.exc_info(), where="in DataLoader worker process 0")
+    with pytest.raises(CorruptImageError) as error:
+        wrapper.reraise()
+    assert one_line(error).startswith(f"Cannot decode image (index 3, file '{tmp_path / 'bad.png'}')")
+    assert one_line(error).endswith(
+        "--on_corrupt_image skip (in Python: scan_images(dataset, on_error='skip'))."
+    )
+
+
 # ---------------------------------------------------------------- mistakes: one line each
 
 
@@ -492,6 +510,17 @@ def test_every_image_corrupt_with_skip(tmp_path):
         f"--dataset_name {source}: all 11 images of the train split are corrupt (--on_corrupt_image skip dropped "
         "every one); check that the files are images."
     )
+
+
+def test_skip_scans_without_verify_images_and_drops_only_the_bad_image(tmp_path, caplog):
+    source = single_file("csv")(tmp_path, "string", "relative")
+    (tmp_path / "images" / "train" / "4.png").write_bytes(b"not an image")
+    with caplog.at_level("WARNING"):
+        dataset = load(tmp_path, dataset_name=str(source), on_corrupt_image="skip")
+    assert len(dataset["train"]) + len(dataset["validation"]) == 11
+    assert "Skipped 1 undecodable images" in caplog.text
+    kept = set(loaded(datasets.concatenate_datasets([dataset["train"], dataset["validation"]])))
+    assert kept == set(reference("train")) - {reference("train")[4]}
 
 
 def test_an_image_over_the_pixel_limit_is_corrupt_and_skipped(tmp_path, monkeypatch):

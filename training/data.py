@@ -85,6 +85,14 @@ LABEL_COLUMN_NAMES = ("label", "labels", "class", "class_name", "category", "tar
 class CorruptImageError(ValueError):
     """An image that PIL cannot decode; the message names the dataset index and the file when known."""
 
+    def __init__(self, message: str) -> None:
+        # A DataLoader worker's error is raised again in the main process as "Caught CorruptImageError in
+        # DataLoader worker process N.\nOriginal Traceback ... CorruptImageError: MESSAGE": keep MESSAGE, one line.
+        marker = f"{type(self).__name__}: "
+        if "\nOriginal Traceback" in message and marker in message:
+            message = message.rsplit(marker, 1)[1].strip()
+        super().__init__(message)
+
 
 def load_image_dataset(
     source: str,
@@ -391,7 +399,11 @@ def class_folders_dataset(root: Path, contents: _FolderContents) -> datasets.Dat
     """
     if contents.tables or contents.others or contents.empty_folders or not contents.images:
         return None
-    relative = sorted(str(image.relative_to(root)) for image in contents.images)
+    prefix = str(root).rstrip(os.sep) + os.sep
+    if str(contents.images[0]).startswith(prefix):  # the listing's paths start with `root/`: cut it off
+        relative = sorted(str(image)[len(prefix) :] for image in contents.images)
+    else:  # e.g. root "." (pathlib drops a leading "./")
+        relative = sorted(str(image.relative_to(root)) for image in contents.images)
     classes = sorted({name.split(os.sep, 1)[0] for name in relative})
     # `datasets` gives labels only for two classes or more (and then tells of one class).
     if len(classes) < 2 or any(name.count(os.sep) != 1 for name in relative):
@@ -689,8 +701,8 @@ def decode_image(value: Any, index: int | None = None) -> Image.Image:
             location.append(f"file {path!r}")
         raise CorruptImageError(
             f"Cannot decode image ({', '.join(location) or 'location unknown'}): {type(error).__name__}: "
-            f"{error}. Remove or replace it, or drop corrupt images before training with "
-            "scan_images(dataset, on_error='skip')."
+            f"{error}. Remove or replace it, or drop corrupt images before training with --on_corrupt_image skip "
+            "(in Python: scan_images(dataset, on_error='skip'))."
         ) from error
 
 
