@@ -4,6 +4,7 @@ precompute rate of `cache-teacher`; the cache's size per image and epoch.
     python bench/teacher_cache.py steps --threads 1 --steps 3 --repeats 3     # the step-time table
     python bench/teacher_cache.py precompute --threads 1                      # views/s of cache-teacher (demo)
     python bench/teacher_cache.py size                                        # bytes per view, K = 10 and all
+    python bench/teacher_cache.py lookup                                      # per-step lookup cost and memory
 
 `steps`: a plain PyTorch training step (forward, `DistillationLoss`, backward, AdamW) on one pre-made batch, in
 three modes that take turns inside every repeat (the median repeat is reported): "student only" (loss "none"),
@@ -16,6 +17,11 @@ is written by the library's shard writer with random top-10 values (its read cos
 
 `precompute`: `deit-distill cache-teacher` on the demo recipe (2,000 images, one epoch, the demo-sized teacher
 with random weights), wall time per view, data augmentation included.
+
+`lookup`: a one-epoch ImageNet-sized cache (1,281,167 views, 1,000 classes, K = 10) laid out as 8 processes x
+128 write it, and one at K = all at a tenth of the size (the per-step cost and the memory held depend on the
+window, not the epoch: the reader holds at most two windows of about 64 MiB); one process's lookups
+(`TeacherCache.teacher_logits`) step by step, as training makes them, the window reads ahead included.
 
 `size`: shards written by the library for 1,000 classes (ImageNet's) and 10 (the demo's), K = 10 and K = all,
 float16, with realistic (peaked) teacher distributions; bytes on disk per view, i.e. per image and epoch.
@@ -54,7 +60,12 @@ CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 def write_synthetic_cache(
-    directory: Path, num_views: int, num_classes: int, top_k: int, dtype: str = "float16"
+    directory: Path,
+    num_views: int,
+    num_classes: int,
+    top_k: int,
+    dtype: str = "float16",
+    global_batch: int = 1,
 ) -> Path:
     """A complete one-epoch cache of `num_views` views with peaked random teacher distributions."""
     generator = torch.Generator().manual_seed(0)
@@ -80,6 +91,53 @@ def write_synthetic_cache(
         "format": CACHE_FORMAT,
         "views": {"seed": 0},
         "storage": {"epochs": 1, "top_k": top_k, "num_classes": num_classes, "dtype": dtype},
+        "layout": {"global_batch_size": global_batch, "per_device_batch_size": global_batch},
+        "complete": True,
+    }
+    (directory / METADATA_FILE).write_text(json.dumps(metadata))
+    return directory
+
+
+def write_imagenet_sized_cache(
+    directory: Path, num_views: int, num_classes: int, top_k: int, processes: int, per_device: int
+) -> Path:
+    """A one-epoch cache as `processes` writers of `per_device` views a step write it (shards of 50,000 views,
+    row groups of `ROW_GROUP_VIEWS`), with random top-K ids and sorted random log-probabilities; written in
+    slices so no more than one shard is in memory."""
+    rng = np.random.default_rng(0)
+    global_batch = processes * per_device
+    steps = num_views // global_batch
+    steps_per_shard = max(1, 50_000 // per_device)
+    index_dtype = np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32
+    for process in range(processes):
+        folder = directory / DATA_DIR / "epoch-00000" / f"process-{process:05d}-of-{processes:05d}"
+        for start in range(0, steps, steps_per_shard):
+            end = min(steps, start + steps_per_shard)
+            positions = (
+                np.arange(start, end)[:, None] * global_batch + process * per_device + np.arange(per_device)
+            ).reshape(-1)
+            if top_k == num_classes:
+                ids = np.argsort(rng.random((len(positions), num_classes), dtype=np.float32), axis=1)
+            else:
+                ids = rng.integers(0, num_classes, (len(positions), top_k))
+            values = -np.sort(rng.exponential(2.0, (len(positions), top_k)).astype(np.float32), axis=1)
+            writer = _ShardWriter(folder, start, DTYPES["float16"][1], top_k)
+            writer.add(
+                {
+                    "epoch": np.zeros(len(positions), dtype=np.int64),
+                    "position": positions,
+                    "index": positions,
+                    "repeat": np.zeros(len(positions), dtype=np.int64),
+                    "topk_indices": ids.astype(index_dtype),
+                    "topk_log_probs": values.astype(np.float16),
+                }
+            )
+            writer.flush(end)
+    metadata = {
+        "format": CACHE_FORMAT,
+        "views": {"seed": 0},
+        "storage": {"epochs": 1, "top_k": top_k, "num_classes": num_classes, "dtype": "float16"},
+        "layout": {"global_batch_size": global_batch, "per_device_batch_size": per_device},
         "complete": True,
     }
     (directory / METADATA_FILE).write_text(json.dumps(metadata))
@@ -109,7 +167,9 @@ class Row:
         self.none = DistillationLoss("none", label_smoothing=0.1)
         self.hard = DistillationLoss("hard", alpha=0.5, label_smoothing=0.1)
         self.cache = TeacherCache(
-            write_synthetic_cache(cache_dir, 64 * len(pixels), num_classes, min(10, num_classes))
+            write_synthetic_cache(
+                cache_dir, 64 * len(pixels), num_classes, min(10, num_classes), global_batch=len(pixels)
+            )
         )
         self.cache.teacher_logits(
             keys_for(len(pixels), 0)
@@ -273,11 +333,60 @@ def bench_size(args: argparse.Namespace, workdir: Path) -> None:
         )
 
 
+def bench_lookup(args: argparse.Namespace, workdir: Path) -> None:
+    """Per-step cost and memory of `TeacherCache.teacher_logits` for one process of `--processes`."""
+    import resource
+
+    processes, per_device = args.processes, args.per_device
+    global_batch = processes * per_device
+    rank = processes // 2
+    print(
+        "| classes | K | views in the cache | process | steps timed | per step: mean | median | max | "
+        "held (2 windows) | peak RSS growth |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for top_k, views in ((10, args.lookup_views), (1000, args.lookup_views_all)):
+        views -= views % global_batch
+        began = time.perf_counter()
+        folder = write_imagenet_sized_cache(
+            workdir / f"lookup-{top_k}", views, 1000, top_k, processes, per_device
+        )
+        written = time.perf_counter() - began
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        cache = TeacherCache(folder)
+        steps = min(args.lookup_steps, views // global_batch)
+        times, held = [], 0
+        for step in range(steps):
+            positions = step * global_batch + rank * per_device + np.arange(per_device)
+            keys = torch.from_numpy(
+                np.stack(
+                    [np.zeros_like(positions), np.zeros_like(positions), np.full_like(positions, step),
+                     positions, np.zeros_like(positions), positions],
+                    axis=1,
+                )
+            )  # fmt: skip
+            start = time.perf_counter()
+            cache.teacher_logits(keys, hard=args.hard)
+            times.append(time.perf_counter() - start)
+            held = max(held, cache.held_bytes)
+        rss = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+        print(
+            f"| 1000 | {top_k} | {views:,} | {rank} of {processes}, batch {per_device} | {steps} | "
+            f"{1e3 * statistics.mean(times):.3f} ms | {1e3 * statistics.median(times):.3f} ms | "
+            f"{1e3 * max(times):.1f} ms | {held / 2**20:.0f} MiB | {rss:.0f} MiB |",
+            flush=True,
+        )
+        print(f"  (cache written in {written:.0f} s, {cache.window_rows} rows a window)", file=sys.stderr)
+        if cache._reader is not None:
+            cache._reader.shutdown(wait=True)
+        del cache
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("part", choices=["steps", "precompute", "size"])
+    parser.add_argument("part", choices=["steps", "precompute", "size", "lookup"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="cpu", help="'cpu' needs --threads 1.")
     parser.add_argument("--steps", type=int, default=3, help="Timed steps per mode per repeat.")
@@ -287,12 +396,24 @@ def main() -> None:
     parser.add_argument("--rows", default="all", help="Comma-separated row numbers (0 demo, 1 Ti, 2 S).")
     parser.add_argument("--epochs", type=int, default=1, help="precompute: epochs to cache.")
     parser.add_argument("--views", type=int, default=4096, help="size: views per synthetic cache.")
+    parser.add_argument(
+        "--processes", type=int, default=8, help="lookup: processes the cache is laid out for."
+    )
+    parser.add_argument("--per-device", type=int, default=128, help="lookup: per-process batch.")
+    parser.add_argument("--lookup-views", type=int, default=1_281_167, help="lookup: views at K = 10.")
+    parser.add_argument("--lookup-views-all", type=int, default=131_072, help="lookup: views at K = all.")
+    parser.add_argument("--lookup-steps", type=int, default=400, help="lookup: steps timed.")
+    parser.add_argument("--hard", action="store_true", help="lookup: hard targets (one-hot of the top-1).")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as workdir:
-        {"steps": bench_steps, "precompute": bench_precompute, "size": bench_size}[args.part](
-            args, Path(workdir)
-        )
+        parts = {
+            "steps": bench_steps,
+            "precompute": bench_precompute,
+            "size": bench_size,
+            "lookup": bench_lookup,
+        }
+        parts[args.part](args, Path(workdir))
 
 
 if __name__ == "__main__":
