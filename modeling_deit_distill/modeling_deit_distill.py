@@ -14,6 +14,7 @@ transformers, and its sibling files (the configuration and the image-processor b
 imports.
 """
 
+import importlib
 import os
 import re
 from collections.abc import Callable
@@ -328,15 +329,27 @@ class DeiTDistillPreTrainedModel(PreTrainedModel):
         }
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
-        """`PreTrainedModel.save_pretrained`, plus the DeiT image-processor config when the directory has none.
+        """`PreTrainedModel.save_pretrained`, plus the DeiT image-processor config when the directory has none,
+        and the project's image-classification pipeline (`attach_pipeline`), so that
+        `pipeline(..., trust_remote_code=True)` on the folder decodes images as training does.
 
         The pipeline needs preprocessing next to the weights. A processor saved by the caller (the Trainer saves
-        its `processing_class` right after the model) replaces this default.
+        its `processing_class` right after the model) replaces this default. The transformers-native copies
+        (`to_transformers_deit`, `to_transformers_vit`) are transformers' own classes and get neither.
         """
         super().save_pretrained(save_directory, *args, **kwargs)
+        if not kwargs.get("is_main_process", True):
+            return
         processor_file = os.path.join(save_directory, "preprocessor_config.json")
-        if kwargs.get("is_main_process", True) and not os.path.exists(processor_file):
+        if not os.path.exists(processor_file):
             build_image_processor(self.config).save_pretrained(save_directory)
+        # Imported by name, not `from .pipeline...`: a relative import would make the pipeline (and its PIL and
+        # NumPy imports) a requirement of loading the model with remote code.
+        try:
+            pipeline_module = importlib.import_module(f"{__package__}.pipeline_deit_distill")
+        except ImportError:  # remote code of a repo saved without the pipeline file
+            return
+        pipeline_module.attach_pipeline(save_directory)
 
     def set_input_size(self, image_size: int | tuple[int, int]) -> None:
         """Change the input resolution in place (e.g. 224 -> 384 for fine-tuning).
