@@ -56,7 +56,7 @@ from deit_distill.training.commands.analyze import AnalyzeArguments, run_analysi
 from deit_distill.training.commands.cache_teacher import run_cache_teacher  # noqa: E402
 from deit_distill.training.commands.train import parse_args, run_training  # noqa: E402
 from deit_distill.training.evaluation import metric_key  # noqa: E402
-from deit_distill.training.run_record import RunRecord  # noqa: E402
+from deit_distill.training.run_record import RunRecord, read_eval_results  # noqa: E402
 from deit_distill.training.teacher import (  # noqa: E402
     InputSpec,
     TeacherInputAdapter,
@@ -234,7 +234,7 @@ def run_table(config: TableConfig, partial: Path | None = None, command: str = "
         for kind in ("convnet", "transformer"):
             path = out / f"seed{seed}" / f"teacher_{kind}"
             cpu = timed(run_training, teacher_argv(config, kind, seed, path))
-            results = json.loads((path / "eval_results.json").read_text())
+            results = read_eval_results(path)
             runs["teachers"][f"{kind}/{seed}"] = {"top1": results["eval_avg_top1"], "cpu_s": cpu}
             teachers[kind] = str(path)
             _progress(f"seed {seed} teacher {kind}: {100 * results['eval_avg_top1']:.1f}% in {cpu:.0f} CPU s")
@@ -318,7 +318,7 @@ def add_diagnostics(runs: dict[str, Any]) -> None:
 
 
 def _student_result(path: Path, student: Student, cpu: float) -> dict[str, Any]:
-    final = json.loads((path / "eval_results.json").read_text())
+    final = read_eval_results(path)
     heads = ("cls", "dist", "avg") if student.token else ("avg",)
     state = json.loads((path / "trainer_state.json").read_text())
     curve = [
@@ -448,7 +448,7 @@ def run_unlabeled_seed(
             run = saved_runs[key]
         else:
             run = {"argv": argv, "cpu_s": timed(run_training, argv)}
-            final = json.loads((path / "eval_results.json").read_text())
+            final = read_eval_results(path)
             record = RunRecord.read(path)
             run["steps"] = record.training["steps"]
             if key == "teacher":
