@@ -205,6 +205,16 @@ def test_a_text_model_is_named_as_such(text_model, data, tmp_path, capsys, monke
     expect_refusal(capsys, work, argv, "is a bert text model, not an image classifier")
 
 
+@pytest.mark.parametrize("consumer", [name for name in CONSUMERS if name != "train --model_name_or_path"])
+def test_a_file_given_as_a_model_folder_is_named(data, tmp_path, capsys, monkeypatch, consumer):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "model.json").write_text("{}")
+    monkeypatch.chdir(work)
+    argv = CONSUMERS[consumer](work / "model.json", data, work / "out")
+    expect_refusal(capsys, work, argv, f"{work / 'model.json'} is a file; give a model folder")
+
+
 @pytest.mark.parametrize(("damage", "said"), [("empty", "is empty"), ("truncated", "is truncated")])
 def test_a_damaged_pytorch_bin_is_named(model, data, tmp_path, capsys, monkeypatch, damage, said):
     from safetensors.torch import load_file

@@ -188,13 +188,19 @@ def check_weights_file(path: Path) -> None:
             raise UserError(f"{path} is truncated: its zip directory is missing (copy or save it again).")
 
 
-def check_model_folder(source: str, what: str) -> None:
+def check_model_folder(source: str, what: str, *, state_dict_file: bool = False) -> None:
     """A saved model folder that every loader can read: its config.json is JSON of an image classifier, its weights
     are whole and its preprocessor_config.json (if any) is JSON. Each problem is one `UserError` naming the file.
 
-    A source that is not a folder (a Hub id, a state-dict file) is left to its loader.
+    A Hub id is left to its loader, and so is a file where `state_dict_file` allows one (--model_name_or_path);
+    any other file is refused.
     """
     folder = Path(source)
+    if folder.is_file() and not state_dict_file:
+        raise UserError(
+            f"{what} {source} is a file; give a model folder (a training run, save_pretrained or a downloaded Hub "
+            "model) or a Hub id."
+        )
     if not folder.is_dir():
         return
     config_path = folder / "config.json"

@@ -357,7 +357,7 @@ def run_training(
     )
     # Damaged files or a model of the wrong kind, named before the data is read or anything is written.
     if model_args.model_name_or_path:
-        check_model_folder(model_args.model_name_or_path, "--model_name_or_path")
+        check_model_folder(model_args.model_name_or_path, "--model_name_or_path", state_dict_file=True)
     if distill_args.teacher and distill_args.distillation_type != "none":
         check_model_folder(distill_args.teacher, "--teacher")
     if cache_args.teacher_cache and distill_args.distillation_type != "none":
