@@ -165,7 +165,10 @@ def test_train_with_unlabelled_images_records_them(data, tmp_path):
     assert record["data"]["num_unlabeled_examples"] == 7
     assert record["data"]["num_train_examples"] == 11 + 7  # 12 images, 1 held out for evaluation
     card = (student / "README.md").read_text()
-    assert "| unlabelled images from (distillation term only) | " + str(data["unlabeled"]) in card
+    # A local folder is named by its folder name, never by the path of the training machine.
+    unlabeled = f"`{data['unlabeled'].name}` (a local dataset, not on the Hub)"
+    assert f"| unlabelled images from (distillation term only) | {unlabeled} |" in card
+    assert str(data["unlabeled"]) not in card
     assert "| of which unlabelled | 7 |" in card
     assert "unlabeled_split" not in (teacher / "README.md").read_text()  # a run without them shows none
     state = json.loads((student / "trainer_state.json").read_text())
