@@ -523,6 +523,7 @@ def test_skip_scans_without_verify_images_and_drops_only_the_bad_image(tmp_path,
     assert kept == set(reference("train")) - {reference("train")[4]}
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL's own, expected here
 def test_an_image_over_the_pixel_limit_is_corrupt_and_skipped(tmp_path, monkeypatch):
     root = class_folders(tmp_path / "pets", {".": ["cat", "dog"]})
     big = np.zeros((12, 12, 3), np.uint8)  # 144 pixels: over the limit of 100 (PIL warns), and over twice 60
