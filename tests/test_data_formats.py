@@ -399,6 +399,25 @@ def test_an_empty_csv(tmp_path):
     assert f"cannot read {tmp_path / 'train.csv'} as csv (EmptyDataError" in one_line(error)
 
 
+@pytest.mark.parametrize(
+    ("name", "damage"),
+    [
+        ("train.parquet", lambda data: data[: len(data) // 2]),  # truncated
+        ("train.jsonl", lambda data: b'{"image": "a.png", "label": '),  # cut mid-record
+        ("train.csv", lambda data: png(pixels("train", 0))),  # an image under a data file's name
+    ],
+)
+def test_a_damaged_data_file_is_named(tmp_path, name, damage):
+    source = single_file("parquet")(tmp_path, "string", "relative")
+    (tmp_path / name).write_bytes(damage(source.read_bytes()))
+    with pytest.raises(UserError) as error:
+        load(tmp_path, dataset_name=str(tmp_path / name))
+    builder = {"parquet": "parquet", "jsonl": "json", "csv": "csv"}[name.split(".")[1]]
+    assert one_line(error).startswith(
+        f"--dataset_name {tmp_path / name}: cannot read {tmp_path / name} as {builder} ("
+    )
+
+
 def test_a_csv_with_a_header_only(tmp_path):
     (tmp_path / "train.csv").write_text("image,label\n")
     with pytest.raises(UserError) as error:
