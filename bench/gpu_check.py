@@ -17,6 +17,10 @@
 4. The GPU rows of `bench/inference.py` (its own functions): DeiT-Ti/S/B, batch 1 and 256, bf16, ours against
    transformers and timm with the same weights.
 
+5. `--sections launchers` (asked for by name; bench/gpu_launchers.py): `deit-distill train` under the FSDP2, DeepSpeed
+   ZeRO-2 and DDP configs, with a live teacher and from a teacher cache, killed mid-run and resumed, its losses
+   against the DDP run's. With `--smoke` only the DDP rows run (on the CPU), the others are skipped with the reason.
+
 Results go to `--out` as `results.json` and `results.md`, rewritten after every section, so a run cut short
 still leaves what it measured. Exit status 0 means every correctness check passed and no section failed.
 """
@@ -771,6 +775,10 @@ def render_markdown(results: dict[str, Any]) -> str:
             *(format_inference_row(row) for row in inference_section["rows"]),
             "",
         ]
+    if results.get("launchers"):
+        from gpu_launchers import render
+
+        lines += render(results["launchers"])
     for name, error in results["errors"].items():
         lines += [f"## {name} FAILED", "", "```", error.strip(), "```", ""]
     return "\n".join(lines)
@@ -810,7 +818,9 @@ def main() -> None:
         "--sections",
         nargs="+",
         default=["correctness", "training", "data_feed", "inference"],
-        choices=["correctness", "training", "data_feed", "inference"],
+        choices=["correctness", "training", "data_feed", "inference", "launchers"],
+        help="Sections to run. `launchers` (bench/gpu_launchers.py: FSDP2 and DeepSpeed ZeRO-2 runs of deit-distill "
+        "train with a live teacher and from a cache, killed and resumed, against DDP) is asked for by name.",
     )
     args = parser.parse_args()
     profile = SMOKE if args.smoke else GPU
@@ -837,9 +847,14 @@ def main() -> None:
         report.section("data_feed", lambda: data_feed(profile, device, report.results.get("training")))
     if "inference" in args.sections:
         report.section("inference", lambda: inference(profile, device, report))
+    if "launchers" in args.sections:
+        from gpu_launchers import launchers_section
+
+        report.section("launchers", lambda: launchers_section(device, args.out))
     print("\n" + render_markdown(report.results), flush=True)
     correctness = report.results.get("correctness", {"passed": "correctness" not in args.sections})
-    sys.exit(0 if correctness["passed"] and not report.results["errors"] else 1)
+    launched = report.results.get("launchers", {"passed": True})
+    sys.exit(0 if correctness["passed"] and launched["passed"] and not report.results["errors"] else 1)
 
 
 if __name__ == "__main__":

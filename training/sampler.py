@@ -6,9 +6,11 @@ out in turn (batch `i` to process `i % num_processes`). So a sampler that yields
 batches of 16 see, step by step, the 32 examples one process with batches of 32 sees.
 
 Repeated augmentation (Hoffer et al. 2020; DeiT uses 3 copies) is part of that order: each image appears
-`num_repeats` times in the epoch, each copy its own view (`ViewKey.repeat`), and the copies share a global batch
-(as with timm's `RepeatAugSampler`, where they land on different processes in the same step). An epoch keeps
-about `len(dataset)` examples, as in DeiT, cut to whole global batches.
+`num_repeats` times in the epoch, each copy its own view (`ViewKey.repeat`), and the copies share a global batch,
+spread over it in a random order. So with several processes they usually land on different processes of the same
+step, but not always: timm's `RepeatAugSampler` (DeiT's) deals consecutive copies to consecutive processes, so
+there they never share one. Here the order does not depend on the process count at all. An epoch keeps about
+`len(dataset)` examples, as in DeiT, cut to whole global batches.
 """
 
 from __future__ import annotations
