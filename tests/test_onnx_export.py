@@ -226,17 +226,18 @@ def one_error_line(capsys) -> str:
     return err[0]
 
 
-def test_bad_inputs_give_one_clear_line(exported, tmp_path, monkeypatch, capsys):
+def test_bad_inputs_give_one_clear_line(exported, tiny_model_dir, tmp_path, monkeypatch, capsys):
     assert cli(["export", str(tmp_path / "missing"), "--output", str(tmp_path / "out")]) == 2
     assert "no such run, model folder or file" in one_error_line(capsys)
     assert cli(["predict", str(tmp_path), "--onnx", "x.png"]) == 2
     assert "has no model.onnx" in one_error_line(capsys)
     static = ["--quantize", "int8", "--int8_mode", "static"]
-    assert cli(["export", str(exported), "--output", str(tmp_path / "out"), *static]) == 2
+    # A saved model without a run record: static int8 has no training images to calibrate on.
+    assert cli(["export", str(tiny_model_dir), "--output", str(tmp_path / "out"), *static]) == 2
     assert "is not a training run" in one_error_line(capsys)
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if the extra were not installed
-    assert cli(["export", str(exported), "--output", str(tmp_path / "out")]) == 2
+    assert cli(["export", str(tiny_model_dir), "--output", str(tmp_path / "out")]) == 2
     assert "pip install 'deit-distill[onnx]'" in one_error_line(capsys)
     assert cli(["predict", str(exported), "--onnx", "x.png"]) == 2
     assert "pip install 'deit-distill[onnx]'" in one_error_line(capsys)
@@ -267,7 +268,6 @@ def test_push_with_onnx_uploads_the_export_and_the_cards_snippets_run(
 ):
     from hub_server import DEFAULT_TOKEN
 
-    from deit_distill.modeling_deit_distill.onnx_classifier import OnnxImageClassifier
 
     run, repo = make_run("deit-onnx"), "test-user/deit-onnx"
     rgb = np.random.default_rng(0).integers(0, 256, size=(40, 48, 3), dtype=np.uint8)
@@ -284,7 +284,13 @@ def test_push_with_onnx_uploads_the_export_and_the_cards_snippets_run(
     ):
         assert f"onnx/{name}" in files
     assert "model.safetensors" in files  # the model itself, as without --with_onnx
-    # The run's weights are the tiny model's, so the export equals the `exported` fixture's.
-    expected = OnnxImageClassifier.from_pretrained(exported)(str(tmp_path / "image.jpg"))
+    # The reference: the run's PyTorch model through the project's pipeline, on the same image.
+    classifier = pipeline(
+        "image-classification",
+        model=str(run),
+        trust_remote_code=True,
+        pipeline_class=DeiTDistillImageClassificationPipeline,
+    )
+    expected = classifier(str(tmp_path / "image.jpg"), top_k=5)
     assert_same_predictions(result["predictions"], expected)
     assert result["printed"] == expected[0]["label"]
