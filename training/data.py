@@ -1004,5 +1004,6 @@ def random_subset(dataset: datasets.Dataset, n: int | None, seed: int) -> datase
 
 
 def _labels(dataset: datasets.Dataset) -> np.ndarray:
-    # Selecting the column first avoids decoding the images; iterating a `Column` is row by row and slow.
-    return dataset.select_columns(["label"]).with_format("numpy")[:]["label"]
+    # Selecting the column first avoids decoding the images; iterating a `Column` is row by row and slow, and so,
+    # at about 2.6 us a row, is the numpy formatter: the Arrow column converts in one go (through the indices).
+    return dataset.select_columns(["label"]).with_format("arrow")[:].column("label").to_numpy()
