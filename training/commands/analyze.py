@@ -33,7 +33,15 @@ from deit_distill.training.run_record import RunRecord
 from deit_distill.training.trainer import DistillationTrainer
 from deit_distill.training.transforms import build_eval_transform, with_image_transform
 
-from .evaluate import HELP_GROUPS, TRAINING_ONLY, _teacher, refuse_training_only_flags, resolve_data
+from .evaluate import (
+    AUGMENT_ON_HELP,
+    HELP_GROUPS,
+    TRAINING_ONLY,
+    _teacher,
+    check_augment_on,
+    refuse_training_only_flags,
+    resolve_data,
+)
 from .flags import DataclassParser, dataclass_help
 
 USAGE = "deit-distill analyze MODEL_OR_RUN [--dataset_name ...] [--teacher T|none] [--json] [--plot PATH]"
@@ -55,6 +63,7 @@ class AnalyzeArguments:
     plot: str | None = field(
         default=None, metadata={"help": "PNG path of the plot (default: analysis.png in a run directory)."}
     )
+    augment_on: str | None = field(default=None, metadata={"help": AUGMENT_ON_HELP})
 
 
 def run_analysis(
@@ -119,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     check_model_source(model, "analyze")
     check_model_folder(model, "analyze")
     refuse_training_only_flags(rest, "analyze")
+    check_augment_on(analyze_args.augment_on)
     if analyze_args.batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {analyze_args.batch_size}.")
     data_args, seed = resolve_data(model, rest, data_args, analyze_args.seed)

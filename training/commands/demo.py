@@ -28,6 +28,8 @@ from transformers import pipeline
 from deit_distill.training.commands.flags import DataclassParser
 from deit_distill.training.commands.train import parse_args, run_training
 from deit_distill.training.data import load_image_dataset
+from deit_distill.training.device_augment import AUGMENT_ON
+from deit_distill.training.errors import UserError
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 TEACHER_RECIPE = RECIPES / "fashion_mnist_teacher_cpu.json"
@@ -45,6 +47,9 @@ class DemoArguments:
     student_epochs: int | None = field(default=None, metadata={"help": "Recipe: 60."})
     seed: int = field(default=0)
     num_predict_images: int = field(default=4)
+    augment_on: str = field(
+        default="workers", metadata={"help": "Where the students' views are made: workers or device."}
+    )
 
 
 def _flags(demo: DemoArguments, name: str, epochs: int | None) -> list[str]:
@@ -61,6 +66,7 @@ def _flags(demo: DemoArguments, name: str, epochs: int | None) -> list[str]:
         ("--max_train_samples", demo.train_samples),
         ("--max_eval_samples", demo.eval_samples),
         ("--num_train_epochs", epochs),
+        ("--augment_on", demo.augment_on if name.startswith("student") else None),
     ):
         if value is not None:
             flags += [flag, str(value)]
@@ -149,6 +155,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     (demo,) = DataclassParser(DemoArguments, prog="deit-distill demo").parse_flags(
         list(sys.argv[1:] if argv is None else argv)
     )
+    if demo.augment_on not in AUGMENT_ON:
+        raise UserError(f"--augment_on must be one of {', '.join(AUGMENT_ON)}, got {demo.augment_on!r}.")
     return run_demo(demo)
 
 
