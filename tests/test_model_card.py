@@ -181,6 +181,14 @@ def test_every_label_the_card_gives_a_record_field_is_a_field_training_writes(tr
         assert set(HYPERPARAMETER_LABELS) | set(DATA_HANDLING_LABELS) <= set(record.data), source
         assert set(DISTILLATION_LABELS) - {"teacher_cache"} <= set(record.distillation), source
     assert "teacher_cache" in RunRecord.read(trained_runs["cached"]).distillation
+    # The fields the card reads by name, beyond its label tables.
+    record = RunRecord.read(trained_runs["student"])
+    assert {"dataset_name", "dataset_config", "eval_split", "eval_split_used", "num_eval_examples"} <= set(
+        record.data
+    )
+    assert {"architecture", "started_from", "num_parameters", "start_format"} <= set(record.model)
+    assert {"base_model", "dataset_id", "teacher_id"} == set(record.card)
+    assert record.hardware and record.license
 
 
 @pytest.mark.parametrize("source", ["student", "cached", "teacher"])
