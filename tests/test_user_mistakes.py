@@ -559,3 +559,39 @@ def test_a_second_live_run_is_refused_and_a_real_ctrl_c_ends_the_first_cleanly(d
     assert last.startswith(f"deit-distill train: interrupted; checkpoint at {out}/checkpoint-"), last
     assert Path(last.split("checkpoint at ")[1].split(":")[0]).is_dir()
     assert not (out / LOCK_FILE).exists()
+
+
+@pytest.mark.slow
+def test_under_two_processes_a_held_folder_stops_every_process_in_one_line(data, tmp_path):
+    """Only the main process takes the lock; the other learns that it failed and stops too, instead of training."""
+    from test_distributed import free_port
+
+    out = tmp_path / "out"
+    root = Path(__file__).resolve().parent.parent
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"]) as holder:
+        try:
+            _lock(out, socket.gethostname(), holder.pid)
+            before = snapshot(tmp_path)
+            command = [
+                sys.executable, "-m", "accelerate.commands.launch",
+                "--config_file", str(root / "training" / "accelerate_configs" / "cpu_ddp.yaml"),
+                "--main_process_port", str(free_port()),
+                str(root / "training" / "train.py"),
+                "--dataset_name", str(data), *TINY, *SCRATCH, *NO_TEACHER, "--output_dir", str(out),
+            ]  # fmt: skip
+            done = subprocess.run(
+                command,
+                capture_output=True,
+                text=True,
+                timeout=180,
+                env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            )
+        finally:
+            holder.kill()
+    assert done.returncode != 0
+    refusals = [line for line in done.stderr.splitlines() if line.startswith("deit-distill: error: ")]
+    assert len(refusals) == 2, done.stderr[-4000:]  # one line from each process
+    assert all(f"is in use by deit-distill train (pid {holder.pid}" in line for line in refusals)
+    # accelerate's launcher prints its own traceback when a process fails; none comes from the project's code.
+    assert not any(name in done.stderr for name in ("folder_lock.py", "commands/train.py", "FolderBusyError"))
+    assert snapshot(tmp_path) == before

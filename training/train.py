@@ -9,6 +9,7 @@ from pathlib import Path
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from deit_distill.training.commands.train import main
+    from deit_distill.training.commands.cli import main
 
-    main()
+    # Through the CLI's entry point, so that every process reports an expected error in one line (exit 2).
+    sys.exit(main(["train", *sys.argv[1:]]))

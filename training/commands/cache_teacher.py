@@ -104,5 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # `accelerate launch -m ...`: through the CLI, for its one-line errors
+    from .cli import main as cli_main
+
+    sys.exit(cli_main(["cache-teacher", *sys.argv[1:]]))

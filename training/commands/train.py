@@ -590,5 +590,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     return metrics
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `accelerate launch -m ...`: through the CLI, for its one-line errors
+    from .cli import main as cli_main
+
+    sys.exit(cli_main(["train", *sys.argv[1:]]))
