@@ -17,6 +17,10 @@
 4. The GPU rows of `bench/inference.py` (its own functions): DeiT-Ti/S/B, batch 1 and 256, bf16, ours against
    transformers and timm with the same weights.
 
+6. `--sections device_feed` (asked for by name; bench/gpu_device_feed.py, issue 19): `deit-distill train` end to
+   end on a folder of JPEGs, `--augment_on device` against `workers`, from a teacher cache and with a live teacher;
+   images/s read from the run, the GPU share of the augmentation.
+
 5. `--sections launchers` (asked for by name; bench/gpu_launchers.py): `deit-distill train` under the FSDP2, DeepSpeed
    ZeRO-2 and DDP configs, with a live teacher and from a teacher cache, killed mid-run and resumed, its losses
    against the DDP run's. With `--smoke` only the DDP rows run (on the CPU), the others are skipped with the reason.
@@ -779,6 +783,10 @@ def render_markdown(results: dict[str, Any]) -> str:
         from gpu_launchers import render
 
         lines += render(results["launchers"])
+    if results.get("device_feed"):
+        from gpu_device_feed import render as render_device_feed
+
+        lines += [*render_device_feed(results["device_feed"]), ""]
     for name, error in results["errors"].items():
         lines += [f"## {name} FAILED", "", "```", error.strip(), "```", ""]
     return "\n".join(lines)
@@ -818,7 +826,7 @@ def main() -> None:
         "--sections",
         nargs="+",
         default=["correctness", "training", "data_feed", "inference"],
-        choices=["correctness", "training", "data_feed", "inference", "launchers"],
+        choices=["correctness", "training", "data_feed", "inference", "launchers", "device_feed"],
         help="Sections to run. `launchers` (bench/gpu_launchers.py: FSDP2 and DeepSpeed ZeRO-2 runs of deit-distill "
         "train with a live teacher and from a cache, killed and resumed, against DDP) is asked for by name.",
     )
@@ -851,6 +859,11 @@ def main() -> None:
         from gpu_launchers import launchers_section
 
         report.section("launchers", lambda: launchers_section(device, args.out))
+    if "device_feed" in args.sections:
+        from gpu_device_feed import device_feed_section
+
+        training = report.results.get("training")
+        report.section("device_feed", lambda: device_feed_section(device, args.out, args.smoke, training))
     print("\n" + render_markdown(report.results), flush=True)
     correctness = report.results.get("correctness", {"passed": "correctness" not in args.sections})
     launched = report.results.get("launchers", {"passed": True})

@@ -790,7 +790,8 @@ def write_teacher_cache(
             keys = batch.pop(VIEW_KEYS).cpu().numpy()
             if (keys[:, _KEY["epoch"]] != epoch).any():
                 raise RuntimeError(f"the data loader yielded views of another epoch than {epoch}")
-            logits = trainer.teacher_logits(batch["pixel_values"].to(trainer.args.device)).float()
+            # `_prepare_inputs`: the one crossing to the device (and, with --augment_on device, the augmentation).
+            logits = trainer.teacher_logits(trainer._prepare_inputs(batch)["pixel_values"]).float()
             values, indices = torch.log_softmax(logits, dim=-1).topk(top_k, dim=-1)
             # Views that accelerate repeats to pad a process's last batch were mixed in another global batch
             # than their own: not theirs to store (the original is stored where it was drawn).
