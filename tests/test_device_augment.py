@@ -472,3 +472,31 @@ def test_views_command_refuses_to_overwrite_and_names_bad_flags(tmp_path):
         main([tiny_recipe(tmp_path), "--output", str(tmp_path / "v.png"), "--augment_on", "gpu"])
     with pytest.raises(UserError, match="neither a recipe"):
         main([str(tmp_path / "missing"), "--output", str(tmp_path / "v.png")])
+
+
+@pytest.mark.slow
+def test_a_device_path_cache_replays_the_live_teachers_losses(trained_runs, tmp_path):
+    from conftest import TINY_RUN, TINY_STUDENT
+
+    from deit_distill.training.commands.cache_teacher import main as cache_teacher
+    from deit_distill.training.commands.train import main as train
+
+    run = [
+        *TINY_STUDENT,
+        *TINY_RUN,
+        "--augmentation",
+        "deit",
+        "--augment_on",
+        "device",
+        "--distillation_type",
+        "soft",
+    ]
+    teacher = ["--teacher", str(trained_runs["teacher"])]
+    cache_teacher([*run, *teacher, "--teacher_cache", str(tmp_path / "cache")])
+    losses = {}
+    for name, source in (("live", teacher), ("cached", ["--teacher_cache", str(tmp_path / "cache")])):
+        train([*run, *source, "--output_dir", str(tmp_path / name)])
+        history = json.loads((tmp_path / name / "trainer_state.json").read_text())["log_history"]
+        losses[name] = [entry["loss"] for entry in history if "loss" in entry]
+    # As for the worker path (test_teacher_cache): the cache stores log-probabilities, equal up to float rounding.
+    assert len(losses["live"]) == 2 and losses["cached"] == pytest.approx(losses["live"], rel=1e-5)
