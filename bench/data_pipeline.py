@@ -147,9 +147,9 @@ def feed_loaders(count: int, size: tuple[int, int]) -> tuple[dict[str, DataLoade
     return loaders, spec
 
 
-def feed(rounds: int, count: int) -> None:
+def feed(rounds: int, count: int, size: tuple[int, int]) -> None:
     """CPU ms per image of each feed; the device augmentation on CPU tensors timed apart."""
-    loaders, _ = feed_loaders(count, (500, 375))
+    loaders, _ = feed_loaders(count, size)
     seconds: dict[str, list[float]] = {name: [] for name in [*loaders, "augment_batch on CPU tensors"]}
     for round_index in range(rounds + 1):  # round 0 warms up
         names = list(loaders) if round_index % 2 == 0 else list(reversed(loaders))
@@ -167,7 +167,7 @@ def feed(rounds: int, count: int) -> None:
                 seconds["augment_batch on CPU tensors"].append(time.process_time() - start)
     ms = {name: 1000 * statistics.median(values) / count for name, values in seconds.items()}
     print(
-        f"{count} images 500x375 JPEG -> 224, batch {FEED_BATCH}, 0 workers, 1 thread, CPU ms / image, "
+        f"{count} images {size[0]}x{size[1]} JPEG -> 224, batch {FEED_BATCH}, 0 workers, 1 thread, CPU ms / image, "
         f"median of {rounds} rounds"
     )
     print("| feed | CPU ms / image |")
@@ -187,10 +187,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--max_train_samples", type=int, default=2000)
     parser.add_argument("--feed_images", type=int, default=256)
+    parser.add_argument("--feed_size", default="500x375", help="JPEG width x height for --part feed")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.part == "feed":
-        feed(args.rounds, args.feed_images)
+        feed(args.rounds, args.feed_images, tuple(int(v) for v in args.feed_size.split("x")))
         return
     pipelines = loaders(args.max_train_samples)
     seconds: dict[str, list[float]] = {name: [] for name in pipelines}

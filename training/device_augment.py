@@ -253,7 +253,9 @@ def _open(value: Any, index: int | None) -> tuple[Image.Image, bool]:
             image = Image.open(value if isinstance(value, str) else value["path"])
         else:
             image = None
-        upright = image is not None and image.getexif().get(ExifTags.Base.Orientation, 1) == 1
+        # Reading EXIF costs ~50 us; an image without an EXIF block is upright.
+        exif = image is not None and "exif" in image.info
+        upright = image is not None and (not exif or image.getexif().get(ExifTags.Base.Orientation, 1) == 1)
         if upright and image.format == "JPEG" and image.mode in ("RGB", "L"):
             return image, False
     except (OSError, ValueError, SyntaxError, KeyError, TypeError):
