@@ -100,7 +100,7 @@ def acquire(folder: str | os.PathLike, flag: str, command: str) -> Path:
             if same_host and isinstance(pid, int):
                 raise FolderBusyError(
                     f"{flag} {folder} is in use by {holder_description(holder)}; wait for it to finish, or "
-                    "choose another folder."
+                    f"choose another folder (if no such run is going on, remove {lock})."
                 )
             raise FolderBusyError(
                 f"{flag} {folder} is locked by {holder_description(holder) if holder else 'an unreadable lock'}, "
