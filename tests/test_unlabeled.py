@@ -201,8 +201,7 @@ def test_bad_unlabelled_arguments_get_one_line_before_anything_is_written(
 def test_the_training_data_without_a_labelled_subset_is_refused(data, tmp_path, capsys):
     argv = ["train", *TINY, "--max_steps", "1", "--dataset_name", str(data["labelled"]),
             "--unlabeled_dataset", str(data["labelled"]), "--distillation_type", "hard",
-            "--teacher", str(tmp_path / "t"), "--output_dir", str(tmp_path / "run")]  # fmt: skip
-    (tmp_path / "t").mkdir()
+            "--teacher", "x/y", "--output_dir", str(tmp_path / "run")]  # fmt: skip
     assert cli(argv) != 0
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert "is the training data itself" in line and "--max_train_samples" in line
