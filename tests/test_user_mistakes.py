@@ -453,6 +453,18 @@ def test_a_folder_held_by_a_live_run_is_refused_and_left_alone(data, tmp_path, c
             holder.kill()
 
 
+def test_cache_teacher_holds_its_cache_folder_too(data, model, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as holder:
+        try:
+            _lock(cache, socket.gethostname(), holder.pid)
+            argv = ["cache-teacher", "--dataset_name", str(data), *TINY, *SCRATCH, "--teacher", str(model)]
+            argv += ["--teacher_cache", str(cache), "--output_dir", str(tmp_path / "unused")]
+            expect_refusal(capsys, tmp_path, argv, f"--teacher_cache {cache} is in use by deit-distill train")
+        finally:
+            holder.kill()
+
+
 def test_a_lock_from_another_host_says_how_to_remove_it(data, tmp_path, capsys):
     out = tmp_path / "out"
     _lock(out, "elsewhere.example", 1)
