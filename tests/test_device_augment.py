@@ -405,6 +405,8 @@ def test_a_bad_augment_on_is_one_error_naming_the_flag(tmp_path):
 
     with pytest.raises(UserError, match="augment_on"):
         main(["--augment_on", "gpu", "--output_dir", str(tmp_path / "run"), "--use_cpu", "true"])
+    with pytest.raises(UserError, match="nothing to do with --augmentation none"):
+        main(["--augment_on", "device", "--augmentation", "none", "--output_dir", str(tmp_path / "run")])
     assert not (tmp_path / "run").exists()
 
 
@@ -424,7 +426,9 @@ def test_a_teacher_cache_of_the_other_path_is_refused_naming_the_field(trained_r
         str(trained_runs["cache"]),
     ]
     with pytest.raises(UserError, match=r"views\.augment_on"):
-        main([*run, "--augment_on", "device", "--output_dir", str(tmp_path / "run")])
+        main(
+            [*run, "--augmentation", "light", "--augment_on", "device", "--output_dir", str(tmp_path / "run")]
+        )
 
 
 def tiny_recipe(tmp_path) -> str:

@@ -512,6 +512,11 @@ def check_training_arguments(
         "augment_on",
         f"must be one of {', '.join(AUGMENT_ON)}, got {augmentation_args.augment_on!r}.",
     )
+    if augmentation_args.augment_on == "device" and augmentation_args.augmentation == "none":
+        raise UserError(
+            "--augment_on device has nothing to do with --augmentation none (the eval transform runs in the "
+            "workers); leave --augment_on at workers."
+        )
     for flag in ("mixup", "cutmix"):
         value = getattr(augmentation_args, flag)
         _check(value >= 0, flag, f"alpha must be >= 0 (0 disables it), got {value}.")
