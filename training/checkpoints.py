@@ -217,9 +217,14 @@ def check_model_folder(source: str, what: str, *, state_dict_file: bool = False)
         read_json_file(processor_path, what)
     weights = [folder / name for name in _WEIGHT_FILES if (folder / name).is_file()]
     if not weights:
+        onnx = (
+            " It holds model.onnx: an `export` folder runs with `predict --onnx`."
+            if any(folder.glob("*.onnx"))
+            else ""
+        )
         raise MissingPathError(
             f"{what} {source}: the folder has no weights ({' or '.join(_WEIGHT_FILES[::2])}); save or copy the "
-            "whole model."
+            f"whole model.{onnx}"
         )
     if weights[0].name.endswith(".index.json"):
         index = read_json_file(weights[0], what)
