@@ -173,6 +173,7 @@ CONSUMERS: dict[str, Callable[[Path, Path, Path], list[str]]] = {
     "predict": lambda model, data, out: ["predict", str(model), str(data / "circle" / "0.png")],
     "export": lambda model, data, out: ["export", str(model), "--output", str(out)],
     "analyze": lambda model, data, out: ["analyze", str(model), "--json"],
+    "push": lambda model, data, out: ["push", str(model), "--repo_id", "me/tiny"],
     "train --model_name_or_path": lambda model, data, out: [
         "train", "--dataset_name", str(data), *TINY, *NO_TEACHER, "--model_name_or_path", str(model),
         "--output_dir", str(out),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from deit_distill.training.checkpoints import check_model_folder
 from deit_distill.training.errors import Interrupted, UserError
 
 from .flags import CommandParser, add_flag
@@ -43,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "card":
         print(write_model_card(args.run_dir, repo_id=args.repo_id))
         return 0
+    # Never publish a damaged model: its weights, config and processor are checked before anything is sent.
+    check_model_folder(args.run_dir, "push")
     try:
         result = push_run(
             args.run_dir,
