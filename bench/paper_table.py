@@ -807,7 +807,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output_dir", help="where the runs go (default runs/paper_table)")
     parser.add_argument("--results", help="the document to write (default docs/RESULTS.md)")
     parser.add_argument("--no_cache", action="store_true", help="run the convnet teacher live in every run")
-    parser.add_argument("--augment_on", choices=("workers", "device"), help="where the students' views are made")
+    parser.add_argument(
+        "--augment_on", choices=("workers", "device"), help="where the students' views are made"
+    )
     parser.add_argument(
         "--render",
         metavar="JSON",

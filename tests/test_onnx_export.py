@@ -268,7 +268,6 @@ def test_push_with_onnx_uploads_the_export_and_the_cards_snippets_run(
 ):
     from hub_server import DEFAULT_TOKEN
 
-
     run, repo = make_run("deit-onnx"), "test-user/deit-onnx"
     rgb = np.random.default_rng(0).integers(0, 256, size=(40, 48, 3), dtype=np.uint8)
     Image.fromarray(rgb).save(tmp_path / "image.jpg")

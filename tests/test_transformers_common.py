@@ -35,7 +35,9 @@ PACKAGE = "transformers_sdist_tests"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 if not (SDIST / "tests" / "test_modeling_common.py").is_file():
-    missing = f"transformers {transformers.__version__} sdist not found at {SDIST} (run `make transformers-sdist`)"
+    missing = (
+        f"transformers {transformers.__version__} sdist not found at {SDIST} (run `make transformers-sdist`)"
+    )
     if IN_CI:
         pytest.fail(f"CI=true: {missing}; the common model tests must run in CI.", pytrace=False)
     pytest.skip(missing, allow_module_level=True)

@@ -161,7 +161,9 @@ def _complete_deepspeed(folder: str) -> bool:
     )
 
 
-def rotate_checkpoints(output_dir: str | os.PathLike, limit: int | None, keep: tuple[str | None, ...] = ()) -> None:
+def rotate_checkpoints(
+    output_dir: str | os.PathLike, limit: int | None, keep: tuple[str | None, ...] = ()
+) -> None:
     """Keep the `limit` newest complete checkpoints (by step) and those in `keep`; delete older ones.
 
     Partial folders older than the newest complete checkpoint are leftovers of a killed save and go too; newer
