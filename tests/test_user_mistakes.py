@@ -454,6 +454,21 @@ def test_a_folder_held_by_a_live_run_is_refused_and_left_alone(data, tmp_path, c
             holder.kill()
 
 
+def test_overwrite_output_dir_keeps_the_previous_run_when_the_new_one_cannot_start(
+    data, model, tmp_path, capsys
+):
+    # --overwrite_output_dir removes the old run only once the new one's data and model load: a mistake in the
+    # new command (here a single-class folder) must not cost the user the run they meant to replace.
+    previous = tmp_path / "previous"
+    shutil.copytree(model, previous)
+    one_class = tmp_path / "one_class"
+    shutil.copytree(data / "circle", one_class / "circle")
+    argv = ["train", "--dataset_name", str(one_class), *TINY, *SCRATCH, *NO_TEACHER]
+    argv += ["--output_dir", str(previous), "--overwrite_output_dir", "true"]
+    expect_refusal(capsys, tmp_path, argv, "class", status=2)
+    assert (previous / "model.safetensors").is_file()
+
+
 def test_cache_teacher_holds_its_cache_folder_too(data, model, tmp_path, capsys):
     cache = tmp_path / "cache"
     with subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]) as holder:

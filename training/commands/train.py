@@ -230,13 +230,13 @@ def global_batch_size(training_args: TrainingArguments) -> int:
     )
 
 
-def prepare_output_dir(training_args: TrainingArguments, run_args: RunArguments) -> None:
-    """Refuse to replace a finished run or start over on an unfinished one unless asked; clear it when asked.
+def clear_output_dir(training_args: TrainingArguments, remove: bool) -> None:
+    """Remove the previous run in `--output_dir` when `check_output_dir` said so, just before the Trainer.
 
-    Every process calls it: each reads the folder (all refuse alike), process 0 alone removes it, and none
-    goes on before the removal is done (the Trainer creates files in the folder from its constructor on).
+    Called once the data, model and teacher are known to load, so a mistake in any of them never costs the user
+    the run they asked to replace. Every process calls it: process 0 alone removes, and none goes on before the
+    removal is done (the Trainer creates files in the folder from its constructor on).
     """
-    remove = _check_output_dir(training_args, run_args)
     if remove and training_args.process_index == 0:
         logger.warning("--overwrite_output_dir: removing the previous run in %s.", training_args.output_dir)
         for path in Path(training_args.output_dir).iterdir():  # all but this run's own lock
@@ -245,8 +245,11 @@ def prepare_output_dir(training_args: TrainingArguments, run_args: RunArguments)
     PartialState().wait_for_everyone()
 
 
-def _check_output_dir(training_args: TrainingArguments, run_args: RunArguments) -> bool:
-    """Whether `--output_dir` is to be removed; raises when it holds a run that must not be replaced."""
+def check_output_dir(training_args: TrainingArguments, run_args: RunArguments) -> bool:
+    """Whether `--output_dir` is to be removed; raises when it holds a run that must not be replaced.
+
+    Every process calls it before any work, so all refuse alike and early.
+    """
     output_dir = Path(training_args.output_dir)
     if not output_dir.is_dir() or not any(path.name != LOCK_FILE for path in output_dir.iterdir()):
         return False
@@ -382,7 +385,7 @@ def _train(
     training_args: TrainingArguments,
     cache_args: TeacherCacheArguments,
 ) -> dict[str, float]:
-    prepare_output_dir(training_args, run_args)
+    remove_previous_run = check_output_dir(training_args, run_args)
     transformers.set_seed(training_args.seed)
     logger.info(
         "Process %d of world_size=%d on %s",
@@ -421,6 +424,7 @@ def _train(
             training_args=training_args,
         )
         distill_args.teacher = distill_args.teacher or cache.teacher_id  # the run record names the teacher
+    clear_output_dir(training_args, remove_previous_run)
     trainer = build_trainer(built, dataset, augmentation_args, distill_args, training_args, cache)
 
     resume = training_args.resume_from_checkpoint
