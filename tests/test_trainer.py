@@ -35,6 +35,7 @@ from deit_distill.modeling_deit_distill import (
 from deit_distill.training.collator import DistillationCollator
 from deit_distill.training.losses import DistillationLoss
 from deit_distill.training.trainer import DistillationTrainer
+from deit_distill.training.views import VIEW_KEYS
 
 LABELS = ["ant", "bee", "cat", "dog", "eel", "fox", "gnu", "hen", "owl", "yak"]
 SIZE = 16
@@ -529,3 +530,25 @@ def test_torch_compile_trains_a_few_steps(tmp_path):
     assert trainer.state.global_step == 2
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 2 and all(np.isfinite(losses))
+
+
+def test_only_prepare_inputs_moves_a_batch_and_view_keys_stay_on_the_host(tmp_path, monkeypatch):
+    # accelerate's DataLoaderShard sends every batch to the device (on a GPU, view keys and augment parameters
+    # too); the trainer's loader must leave that to `_prepare_inputs`, which keeps `HOST_INPUTS` on the host.
+    import accelerate.data_loader
+
+    sent = []
+    monkeypatch.setattr(accelerate.data_loader, "send_to_device", lambda batch, *a, **k: sent.append(batch))
+    trainer = DistillationTrainer(
+        model=make_student(),
+        args=training_args(tmp_path, max_steps=1),
+        data_collator=DistillationCollator(),
+        train_dataset=ImageTensors(8, seed=0),
+    )
+    trainer.keep_view_keys = True
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert not sent, "accelerate's loader moved the batch itself"
+    keys = batch[VIEW_KEYS]
+    prepared = trainer._prepare_inputs(dict(batch))
+    assert prepared[VIEW_KEYS] is keys
+    assert prepared["pixel_values"].device == trainer.args.device

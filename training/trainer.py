@@ -447,6 +447,10 @@ class DistillationTrainer(Trainer):
             loader = super().get_train_dataloader()
         finally:
             self.train_dataset, self.data_collator = dataset, collator
+        if getattr(loader, "device", None) is not None:
+            # accelerate's loader would send the whole batch to the device, host-only entries (view keys, augment
+            # parameters) included; `_prepare_inputs` moves it instead, leaving those on the host.
+            loader.device = None
         if self.teacher_cache is not None:
             self.teacher_cache.check_epochs(run_epochs(self.args, len(loader)))
             self.teacher_cache.check_pixels(self)  # the views replay as they were cached
