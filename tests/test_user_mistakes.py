@@ -623,3 +623,10 @@ def test_under_two_processes_a_held_folder_stops_every_process_in_one_line(data,
     # accelerate's launcher prints its own traceback when a process fails; none comes from the project's code.
     assert not any(name in done.stderr for name in ("folder_lock.py", "commands/train.py", "FolderBusyError"))
     assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("command", ["eval", "analyze"])
+def test_a_missing_run_folder_is_said_to_be_missing(tmp_path, capsys, monkeypatch, command):
+    # `runs/nothere` also reads as a Hub id (owner/name), so the message must still say the folder is not here.
+    monkeypatch.chdir(tmp_path)
+    expect_refusal(capsys, tmp_path, [command, "runs/nothere"], "runs/nothere: no such folder here")

@@ -97,9 +97,14 @@ def resolve_data(
     given = {token[2:].split("=")[0].replace("-", "_") for token in argv if token.startswith("--")}
     if not RunRecord.exists(model):
         if "dataset_name" not in given:
+            what = (
+                f"{model} is not a training run of this project (no run record)"
+                if os.path.exists(model)
+                else f"{model}: no such folder here (read as a Hub model id, which holds no run record)"
+            )
             raise UserError(
-                f"{model} is not a training run of this project (no run record), so its data is unknown: pass "
-                "--dataset_name (and the other data flags of `train` as needed)."
+                f"{what}, so its data is unknown: check the path, or pass --dataset_name (and the other data "
+                "flags of `train` as needed)."
             )
         return data_args, 0 if seed is None else seed
     record = RunRecord.read(model)
