@@ -552,9 +552,15 @@ def test_ctrl_c_in_push_is_one_line_exit_130_and_changes_nothing(model, capsys, 
 
 
 @pytest.mark.slow
-def test_a_second_live_run_is_refused_and_a_real_ctrl_c_ends_the_first_cleanly(data, tmp_path, capsys):
-    """Two processes on one folder: the second is refused naming the first, which goes on untouched; SIGINT then
-    ends the first with one line naming its checkpoint, exit 130, and its lock released."""
+@pytest.mark.parametrize(
+    "stop_signal, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)], ids=["ctrl-c", "sigterm"]
+)
+def test_a_second_live_run_is_refused_and_a_real_signal_ends_the_first_cleanly(
+    data, tmp_path, capsys, stop_signal, status
+):
+    """Two processes on one folder: the second is refused naming the first, which goes on untouched; SIGINT (Ctrl-C)
+    or SIGTERM (a scheduler's preemption) then ends the first with one line naming its checkpoint, exit 130 or 143,
+    and its lock released, so that the same command can resume it (on any host)."""
     out = tmp_path / "out"
     first = subprocess.Popen(
         [str(Path(sys.executable).with_name("deit-distill")), "train", "--dataset_name", str(data), *SCRATCH,
@@ -578,13 +584,13 @@ def test_a_second_live_run_is_refused_and_a_real_ctrl_c_ends_the_first_cleanly(d
         assert cli(argv) == 2
         assert f"is in use by deit-distill train (pid {first.pid}" in one_error_line(capsys)
         assert first.poll() is None  # the first run goes on
-        first.send_signal(signal.SIGINT)
+        first.send_signal(stop_signal)
         _, err = first.communicate(timeout=60)
     finally:
         if first.poll() is None:
             first.kill()
             first.wait()
-    assert first.returncode == 130, err[-3000:]
+    assert first.returncode == status, err[-3000:]
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]
     assert last.startswith(f"deit-distill train: interrupted; checkpoint at {out}/checkpoint-"), last

@@ -16,3 +16,9 @@ class Interrupted(Exception):
 
     The CLI prints it as one line and exits 130, the shell's status for SIGINT.
     """
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler preempting the job, `kill PID`), handled as Ctrl-C is, so that a run stops at once and
+    releases its folder's lock, instead of dying where it stands. The CLI exits 143, the shell's status for SIGTERM.
+    """

@@ -15,18 +15,22 @@ deit-distill views RECIPE_OR_RUN --output views.png   a grid of training images 
 
 Every flag is accepted as --foo_bar and as --foo-bar; `deit-distill COMMAND --help` lists a command's flags.
 Expected errors (a bad flag value, a missing file, a misspelt flag) print one line, `deit-distill: error: ...`,
-and exit 2; Ctrl-C prints one line saying what was left and exits 130. Set --debug or DEIT_DISTILL_DEBUG=1 for
-the traceback.
+and exit 2; Ctrl-C prints one line saying what was left and exits 130 (SIGTERM: the same line, exit 143). Set
+--debug or DEIT_DISTILL_DEBUG=1 for the traceback.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from deit_distill.training.data import CorruptImageError
-from deit_distill.training.errors import Interrupted, UserError
+from deit_distill.training.errors import Interrupted, Terminated, UserError
 
 # Sub-command -> module in deit_distill.training.commands with a `main(argv)`; each parses its own flags (--help included).
 COMMANDS = {
@@ -62,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         module = importlib.import_module(f"deit_distill.training.commands.{COMMANDS[command]}")
-        status = module.main([command, *rest]) if COMMANDS[command] == "hub" else module.main(rest)
+        with sigterm_as_interrupt():
+            status = module.main([command, *rest]) if COMMANDS[command] == "hub" else module.main(rest)
     except _EXPECTED_ERRORS as error:
         if debug:
             raise
@@ -73,10 +78,34 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # A command that knows what an interruption leaves behind says so; otherwise the plain fact.
         print(f"deit-distill {command}: {stop or 'interrupted.'}", file=sys.stderr)
-        return 130  # the shell's status for SIGINT
+        terminated = isinstance(stop, Terminated) or isinstance(stop.__cause__, Terminated)
+        return 143 if terminated else 130  # the shell's status for SIGTERM, SIGINT
     except SystemExit as done:  # --help, and argparse's own exits
         return done.code if isinstance(done.code, int) else (0 if done.code is None else 2)
     return status if isinstance(status, int) else 0
+
+
+def _raise_terminated(signal_number: int, frame: object) -> None:
+    raise Terminated()
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """While a command runs, SIGTERM ends it as Ctrl-C does: its one line, its cleanup (a run's folder lock), its exit.
+
+    A SIGTERM that the caller set to be ignored stays ignored, as does one arriving off the main thread's watch.
+    """
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL
+    ):
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def entry_point() -> None:

@@ -59,12 +59,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     except PushError as error:
         raise UserError(str(error)) from error
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (errors.Terminated)
         # Each Hub commit lands whole or not at all: an interrupted one leaves no partial files.
         raise Interrupted(
             f"interrupted; the push to {args.repo_id} did not finish and no partial commit was made (a "
             "commit lands whole or not at all); run the same command again to push."
-        ) from None
+        ) from stop
     print(f"pushed {result.commit_url}")
     if result.native_commit_url:
         print(f"native copy (no remote code): {result.native_commit_url}")

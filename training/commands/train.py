@@ -587,8 +587,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     training_args = arguments[5]
     try:
         metrics = run_training(*arguments)
-    except KeyboardInterrupt:
-        raise Interrupted(interrupted_message(training_args.output_dir)) from None
+    except (
+        KeyboardInterrupt
+    ) as stop:  # Ctrl-C, or SIGTERM (errors.Terminated), whose exit status the CLI keeps
+        raise Interrupted(interrupted_message(training_args.output_dir)) from stop
     if training_args.process_index == 0:
         print(format_final_evaluation(metrics, training_args.output_dir), flush=True)
     return metrics
