@@ -114,7 +114,9 @@ def arrow_table(rows: list[dict], labels: str) -> pa.Table:
 
 def write_csv(path: Path, rows: list[dict]) -> None:
     with path.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(
+            file, fieldnames=list(rows[0]), delimiter="\t" if path.suffix == ".tsv" else ","
+        )
         writer.writeheader()
         writer.writerows(rows)
 
@@ -123,7 +125,7 @@ def single_file(kind: str):
     def write(root: Path, labels: str, paths: str) -> Path:
         rows = records(root, "train", labels, paths)
         path = root / f"labels.{kind}"
-        if kind == "csv":
+        if kind in ("csv", "tsv"):
             write_csv(path, rows)
         elif kind == "json":
             path.write_text(json.dumps(rows))
@@ -140,8 +142,8 @@ def folder_by_split(kind: str):
     def write(root: Path, labels: str, paths: str) -> Path:
         for split in PER_CLASS:
             rows = records(root / "data", split, labels, paths)
-            if kind == "csv":
-                write_csv(root / "data" / f"{split}.csv", rows)
+            if kind in ("csv", "tsv"):
+                write_csv(root / "data" / f"{split}.{kind}", rows)
             else:
                 pq.write_table(arrow_table(rows, labels), root / "data" / f"{split}.parquet")
         return root / "data"
@@ -203,6 +205,7 @@ def saved(as_dict: bool):
 FORMATS = {
     "imagefolder": (image_folder, ["string"], ["none"]),
     "csv": (single_file("csv"), ["int", "string"], ["relative", "absolute"]),
+    "tsv": (single_file("tsv"), ["int", "string"], ["relative"]),
     "json": (single_file("json"), ["int", "string"], ["relative", "absolute"]),
     "jsonl": (single_file("jsonl"), ["int", "string"], ["relative", "absolute"]),
     "parquet": (
@@ -211,6 +214,7 @@ FORMATS = {
         ["relative", "absolute"],
     ),
     "csv folder": (folder_by_split("csv"), ["int", "string"], ["relative", "absolute"]),
+    "tsv folder": (folder_by_split("tsv"), ["string"], ["relative"]),
     "parquet folder": (
         folder_by_split("parquet"),
         ["int", "string", "large_string"],
@@ -252,7 +256,13 @@ def test_every_format_loads_the_images_and_labels_that_were_written(
         assert split.features["label"].names == expected_names
     as_names = (lambda rows: [(d, str(sorted(NAMES).index(n))) for d, n in rows]) if labels == "int" else list
     got = {name: sorted(loaded(split)) for name, split in dataset.items()}
-    has_eval_split = kind in ("imagefolder", "csv folder", "parquet folder", "save_to_disk DatasetDict")
+    has_eval_split = kind in (
+        "imagefolder",
+        "csv folder",
+        "tsv folder",
+        "parquet folder",
+        "save_to_disk DatasetDict",
+    )
     if has_eval_split:
         assert got == {split: sorted(as_names(reference(split))) for split in PER_CLASS}
     else:  # one split: 10% of it held out for evaluation

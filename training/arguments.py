@@ -105,8 +105,8 @@ class DataArguments:
     dataset_name: str = field(
         default="fashion_mnist",
         metadata={
-            "help": "'fashion_mnist' (embedded); a folder of images, one sub-folder per class; a .csv, .json, "
-            ".jsonl or .parquet file, or a folder of them (train/validation/test files named by split), whose "
+            "help": "'fashion_mnist' (embedded); a folder of images, one sub-folder per class; a .csv, .tsv, "
+            ".json, .jsonl or .parquet file, or a folder of them (train/validation/test files named by split), whose "
             "image column holds paths (relative to the file's folder) or image bytes; a save_to_disk folder; "
             "or a Hub dataset id."
         },

@@ -1,6 +1,6 @@
 """Image-classification datasets as a `DatasetDict` with splits "train" and "validation".
 
-Every source (`load_source`: an imagefolder, a CSV/JSON/JSONL/parquet file or folder of them, a `save_to_disk`
+Every source (`load_source`: an imagefolder, a CSV/TSV/JSON/JSONL/parquet file or folder of them, a `save_to_disk`
 folder, Fashion-MNIST or a Hub id) comes out the same way: an `image` column (`datasets.Image`, decodes to PIL)
 and a `label` column (`datasets.ClassLabel`, with class names), whatever the source called them. Loading opens no
 image; class mistakes are refused here, before a run writes anything. Decoding goes through `decode_image`, which
@@ -59,9 +59,11 @@ EVAL_SPLIT_CANDIDATES = ("validation", "valid", "val", "test")
 # loss mask the label term of these images, which then train through the distillation term alone.
 UNLABELED = -1
 # Data files read with `datasets`' builder of that name.
-TABLE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+TABLE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+# What a builder needs to be told about an extension: a .tsv is a csv with tabs (pandas' `sep`).
+TABLE_READ_OPTIONS = {".tsv": {"sep": "\t"}}
 ACCEPTED_SOURCES = (
-    "a folder of images (one sub-folder per class), a .csv/.json/.jsonl/.parquet file or a folder of them "
+    "a folder of images (one sub-folder per class), a .csv/.tsv/.json/.jsonl/.parquet file or a folder of them "
     "(train/validation/test files named by split), a save_to_disk folder, 'fashion_mnist' or a Hub dataset id"
 )
 # Obvious column names, tried (case-insensitively) when --image_column / --label_column are not given.
@@ -113,7 +115,7 @@ def load_image_dataset(
 
     Args:
         source: Anything `load_source` reads: "fashion_mnist", a folder of images (one sub-folder per class),
-            a CSV/JSON/JSONL/parquet file or a folder of them, a `save_to_disk` folder or a Hub dataset id.
+            a CSV/TSV/JSON/JSONL/parquet file or a folder of them, a `save_to_disk` folder or a Hub dataset id.
         config_name: Hub dataset configuration.
         train_split: Split used for training.
         eval_split: Split used for evaluation. By default the first of "validation", "valid", "val", "test"
@@ -545,18 +547,19 @@ def _load_tables(
     image paths are read against the folder of the file that holds them."""
     splits = {}
     for split, files in files_by_split.items():
-        by_folder: dict[Path, list[Path]] = {}
+        by_folder: dict[tuple[Path, str], list[Path]] = {}  # a folder's .csv and .tsv files are read apart
         for path in files:
-            by_folder.setdefault(path.parent, []).append(path)
+            by_folder.setdefault((path.parent, path.suffix.lower()), []).append(path)
         parts = []
-        for folder, paths in by_folder.items():
-            builder = TABLE_BUILDERS[paths[0].suffix.lower()]
+        for (folder, suffix), paths in by_folder.items():
+            builder = TABLE_BUILDERS[suffix]
             try:
                 part = datasets.load_dataset(
                     builder,
                     data_files={split: [str(path) for path in paths]},
                     split=split,
                     cache_dir=cache_dir,
+                    **TABLE_READ_OPTIONS.get(suffix, {}),
                 )
             except Exception as error:  # a file `datasets` cannot parse: name it, with the parser's reason
                 reason = _innermost(error)
