@@ -639,3 +639,40 @@ def test_a_missing_run_folder_is_said_to_be_missing(tmp_path, capsys, monkeypatc
     # `runs/nothere` also reads as a Hub id (owner/name), so the message must still say the folder is not here.
     monkeypatch.chdir(tmp_path)
     expect_refusal(capsys, tmp_path, [command, "runs/nothere"], "runs/nothere: no such folder here")
+
+
+def test_on_a_terminal_the_error_line_clears_a_progress_bar_left_on_the_line(tmp_path):
+    """A tqdm bar leaves the cursor at the end of its line: the one line must start on a cleared line, not after it."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    main_fd, child_fd = pty.openpty()
+    fcntl.ioctl(
+        child_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0)
+    )  # a new pty is 0 columns wide
+    script = (
+        "import sys, tqdm\n"
+        "bar = tqdm.tqdm(total=10, file=sys.stderr, mininterval=0); bar.update(3)\n"
+        "from deit_distill.training.commands.cli import main\n"
+        f"sys.exit(main(['eval', {str(tmp_path / 'nothere')!r}]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], stderr=child_fd, stdout=subprocess.PIPE, timeout=120
+    )
+    os.close(child_fd)
+    screen = b""
+    while True:
+        try:
+            chunk = os.read(main_fd, 4096)
+        except OSError:
+            break
+        if not chunk:
+            break
+        screen += chunk
+    os.close(main_fd)
+    assert done.returncode == 2
+    bar_line, _, after = screen.decode().partition("\r\x1b[K")
+    assert "3/10" in bar_line  # the bar was drawn, and the message came after a cleared line
+    assert after.startswith("deit-distill: error: eval: ") and "nothere" in after.splitlines()[0], screen

@@ -71,18 +71,24 @@ def main(argv: list[str] | None = None) -> int:
     except _EXPECTED_ERRORS as error:
         if debug:
             raise
-        print(f"deit-distill: error: {error}", file=sys.stderr)
+        print_last_line(f"deit-distill: error: {error}")
         return 2
     except (Interrupted, KeyboardInterrupt) as stop:
         if debug:
             raise
         # A command that knows what an interruption leaves behind says so; otherwise the plain fact.
-        print(f"deit-distill {command}: {stop or 'interrupted.'}", file=sys.stderr)
+        print_last_line(f"deit-distill {command}: {stop or 'interrupted.'}")
         terminated = isinstance(stop, Terminated) or isinstance(stop.__cause__, Terminated)
         return 143 if terminated else 130  # the shell's status for SIGTERM, SIGINT
     except SystemExit as done:  # --help, and argparse's own exits
         return done.code if isinstance(done.code, int) else (0 if done.code is None else 2)
     return status if isinstance(status, int) else 0
+
+
+def print_last_line(line: str) -> None:
+    """A command's last word, on a line of its own. On a terminal a progress bar (tqdm) may still own the current
+    line, without a newline: clear that line first, so the message is not lost at the end of the bar."""
+    print(("\r\033[K" if sys.stderr.isatty() else "") + line, file=sys.stderr, flush=True)
 
 
 def _raise_terminated(signal_number: int, frame: object) -> None:
