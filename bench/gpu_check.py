@@ -830,6 +830,25 @@ def main() -> None:
         help="Sections to run. `launchers` (bench/gpu_launchers.py: FSDP2 and DeepSpeed ZeRO-2 runs of deit-distill "
         "train with a live teacher and from a cache, killed and resumed, against DDP) is asked for by name.",
     )
+    parser.add_argument(
+        "--launchers",
+        nargs="+",
+        default=None,
+        choices=["ddp", "fsdp2", "deepspeed_zero2"],
+        help="For `launchers`: which launchers run their kill-and-resume rows, in this order (default: all).",
+    )
+    parser.add_argument(
+        "--launcher_timeout",
+        type=float,
+        default=600,
+        help="For `launchers`: seconds each `accelerate launch` may take before it is killed and counted failed.",
+    )
+    parser.add_argument(
+        "--feed_size",
+        choices=["full", "short"],
+        default="full",
+        help="For `device_feed`: `full` (4096 JPEGs, 60 steps) or `short` (1024 JPEGs, 36 steps), to fit a short lease.",
+    )
     args = parser.parse_args()
     profile = SMOKE if args.smoke else GPU
     if args.smoke:
@@ -858,12 +877,17 @@ def main() -> None:
     if "launchers" in args.sections:
         from gpu_launchers import launchers_section
 
-        report.section("launchers", lambda: launchers_section(device, args.out))
+        report.section(
+            "launchers", lambda: launchers_section(device, args.out, args.launchers, args.launcher_timeout)
+        )
     if "device_feed" in args.sections:
         from gpu_device_feed import device_feed_section
 
         training = report.results.get("training")
-        report.section("device_feed", lambda: device_feed_section(device, args.out, args.smoke, training))
+        report.section(
+            "device_feed",
+            lambda: device_feed_section(device, args.out, args.smoke, training, args.feed_size),
+        )
     print("\n" + render_markdown(report.results), flush=True)
     correctness = report.results.get("correctness", {"passed": "correctness" not in args.sections})
     launched = report.results.get("launchers", {"passed": True})

@@ -17,6 +17,7 @@ The ratios the issue asks for are computed against the `training` section's math
 from __future__ import annotations
 
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,22 @@ GPU_FEED = FeedProfile(
     precision=["--bf16", "true"],
     compile=True,
 )
+# `--feed_size short`: the same runs on fewer distinct JPEGs (writing them is single-threaded, about 15-30 ms each)
+# and fewer steps, so that the section fits a short GPU lease next to others (bench/gpu_run.sh); still 256-image
+# batches, compiled, with as many timed steps after warm-up as the rate needs to settle.
+SHORT_FEED = FeedProfile(
+    images=1024,
+    classes=100,
+    image_size=224,
+    student=["--variant", "small"],
+    batch_size=256,
+    steps=36,
+    warmup_steps=12,
+    workers=FEED_WORKERS,
+    precision=["--bf16", "true"],
+    compile=True,
+)
+FEED_PROFILES = {"full": GPU_FEED, "short": SHORT_FEED}
 SMOKE_FEED = FeedProfile(
     images=48,
     classes=4,
@@ -72,9 +89,10 @@ def write_image_folder(root: Path, profile: FeedProfile) -> Path:
 
     shapes = ((500, 375), (500, 333), (375, 500), (500, 400))
     per_shape = -(-profile.images // len(shapes))
-    jpegs = [data for shape in shapes for data in photo_jpegs(per_shape, shape, root / "sources")][
-        : profile.images
-    ]
+    # One process per shape: drawing and encoding a JPEG takes 15-30 ms, seconds per thousand on one core.
+    with ProcessPoolExecutor(len(shapes)) as pool:
+        batches = pool.map(photo_jpegs, [per_shape] * len(shapes), shapes, [root / "sources"] * len(shapes))
+        jpegs = [data for batch in batches for data in batch][: profile.images]
     for index, data in enumerate(jpegs):
         folder = root / "train" / f"class_{index % profile.classes:03d}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -210,12 +228,16 @@ def augment_share(profile: FeedProfile, data: Path, device: torch.device, step_m
 
 
 def device_feed_section(
-    device: torch.device, out: Path, smoke: bool, training: dict[str, Any] | None = None
+    device: torch.device,
+    out: Path,
+    smoke: bool,
+    training: dict[str, Any] | None = None,
+    size: str = "full",
 ) -> dict[str, Any]:
     from deit_distill.training.commands.cache_teacher import run_cache_teacher
     from deit_distill.training.commands.train import parse_args, run_training
 
-    profile = SMOKE_FEED if smoke else GPU_FEED
+    profile = SMOKE_FEED if smoke else FEED_PROFILES[size]
     work = out / "device_feed"
     data = write_image_folder(work / "jpegs", profile)
     teacher = work / "teacher"
@@ -252,14 +274,26 @@ def device_feed_section(
                         ratios[f"{ours['augment_on']}, {key} / math-only {row['mode']}"] = (
                             ours["images_per_s"] / row["images_per_s"]
                         )
-    return {"rows": rows, "augment": share, "ratios_to_math_only": ratios, "workers": profile.workers}
+    return {
+        "rows": rows,
+        "augment": share,
+        "ratios_to_math_only": ratios,
+        "workers": profile.workers,
+        "profile": {"images": profile.images, "steps": profile.steps, "warmup_steps": profile.warmup_steps},
+    }
 
 
 def render(section: dict[str, Any]) -> list[str]:
     lines = [
         "## Device feed (`deit-distill train`, --augment_on)",
         "",
-        f"{section['workers']} data-loader workers; images/s from the run's own steps after warm-up.",
+        f"{section['workers']} data-loader workers; images/s from the run's own steps after warm-up"
+        + (
+            f" ({section['profile']['steps']} steps, {section['profile']['warmup_steps']} of warm-up, "
+            f"{section['profile']['images']} distinct JPEGs)."
+            if "profile" in section
+            else "."
+        ),
         "",
         "| augment_on | mode | images/s |",
         "|---|---|---:|",

@@ -162,7 +162,11 @@ def skip_reason(launcher: str, cuda: bool) -> str | None:
     return None
 
 
-def launchers_section(device: torch.device, out: Path, names: list[str] | None = None) -> dict[str, Any]:
+def launchers_section(
+    device: torch.device, out: Path, names: list[str] | None = None, run_timeout: float = 600
+) -> dict[str, Any]:
+    """`names` picks the launchers and their order (all by default); `run_timeout` bounds each `accelerate launch`.
+    A launcher that fails is recorded under `failed` and the next one still runs."""
     from deit_distill.training.teacher_cache import read_metadata
     from deit_distill.training.trainer import checkpoint_format, last_complete_checkpoint
 
@@ -174,7 +178,7 @@ def launchers_section(device: torch.device, out: Path, names: list[str] | None =
     base = run_args(work, cuda)
     live = ["--teacher", str(work / "teacher")]
     cache = ["--teacher_cache", str(work / "cache")]
-    result: dict[str, Any] = {"rows": [], "skipped": {}, "steps": STEPS, "kill_at": KILL_AT}
+    result: dict[str, Any] = {"rows": [], "skipped": {}, "failed": {}, "steps": STEPS, "kill_at": KILL_AT}
 
     def train(config: str, mode_args: list[str], output_dir: Path, kill: bool) -> None:
         marker = output_dir.parent / f"{output_dir.name}.stalled"
@@ -184,6 +188,7 @@ def launchers_section(device: torch.device, out: Path, names: list[str] | None =
             launch(config, [*script, *argv], cuda),
             output_dir.parent / f"{output_dir.name}.log",
             marker if kill else None,
+            run_timeout,
         )
 
     # The cache, written once under DDP; its teacher precision is the run's.
@@ -191,7 +196,7 @@ def launchers_section(device: torch.device, out: Path, names: list[str] | None =
         LAUNCHERS["ddp"], ["-m", "deit_distill.training.commands.cache_teacher", *base, *live, *cache,
                            "--output_dir", str(work / "cache-run")], cuda,
     )  # fmt: skip
-    run(cache_command, work / "cache.log")
+    run(cache_command, work / "cache.log", timeout=run_timeout)
     result["cache_teacher_precision"] = read_metadata(work / "cache")["teacher"]["precision"]
     result["cache_precision_ok"] = result["cache_teacher_precision"] == ("bf16" if cuda else "fp32")
 
@@ -201,12 +206,7 @@ def launchers_section(device: torch.device, out: Path, names: list[str] | None =
         train(LAUNCHERS["ddp"], mode_args, reference_dir, kill=False)
         references[mode] = losses(reference_dir)
 
-    for launcher in names or list(LAUNCHERS):
-        reason = skip_reason(launcher, cuda)
-        if reason:
-            result["skipped"][launcher] = reason
-            print(f"  {launcher}: skipped, {reason}", flush=True)
-            continue
+    def launcher_rows(launcher: str) -> None:
         for mode, mode_args in (("live teacher", live), ("teacher cache", cache)):
             output_dir = work / f"{launcher}-{mode.replace(' ', '-')}"
             train(LAUNCHERS[launcher], mode_args, output_dir, kill=True)
@@ -228,7 +228,21 @@ def launchers_section(device: torch.device, out: Path, names: list[str] | None =
             row["passed"] = row["passed"] and row["formats_ok"] and row["steps_logged"] and bool(resumed_from)
             result["rows"].append(row)
             print(f"  {json.dumps(row)}", flush=True)
-    result["passed"] = result["cache_precision_ok"] and all(row["passed"] for row in result["rows"])
+
+    for launcher in names or list(LAUNCHERS):
+        reason = skip_reason(launcher, cuda)
+        if reason:
+            result["skipped"][launcher] = reason
+            print(f"  {launcher}: skipped, {reason}", flush=True)
+            continue
+        try:
+            launcher_rows(launcher)
+        except Exception as error:  # one launcher's failure must not hide the others' results
+            result["failed"][launcher] = f"{type(error).__name__}: {error}"
+            print(f"  {launcher}: FAILED, {error}", flush=True)
+    result["passed"] = (
+        result["cache_precision_ok"] and not result["failed"] and all(row["passed"] for row in result["rows"])
+    )
     return result
 
 
@@ -249,5 +263,7 @@ def render(section: dict[str, Any]) -> list[str]:
         )
     for launcher, reason in section["skipped"].items():
         lines.append(f"\n- {launcher}: skipped, {reason}")
+    for launcher, error in section.get("failed", {}).items():
+        lines.append(f"\n- {launcher}: FAILED, {error.strip().splitlines()[0]}")
     lines.append("")
     return lines
