@@ -48,7 +48,7 @@ WRAPPER = textwrap.dedent(
     marker, kill_at, argv = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
     step = DistillationTrainer.training_step
     def stall(self, *args, **kwargs):
-        if marker != "-" and self.state.global_step == kill_at:
+        if marker != "none" and self.state.global_step == kill_at:
             open(marker, "w").write("stalled")
             time.sleep(600)
         return step(self, *args, **kwargs)
@@ -182,7 +182,9 @@ def launchers_section(
 
     def train(config: str, mode_args: list[str], output_dir: Path, kill: bool) -> None:
         marker = output_dir.parent / f"{output_dir.name}.stalled"
-        script = [str(work / "wrapper.py"), str(marker) if kill else "-", str(KILL_AT)]
+        # Not "-": accelerate's torchrun path (`_filter_args`) hands the script's arguments to argparse as one list,
+        # and a list whose first item is "-" (or "") makes argparse fail with "unhashable type: 'list'".
+        script = [str(work / "wrapper.py"), str(marker) if kill else "none", str(KILL_AT)]
         argv = [*base, *mode_args, "--output_dir", str(output_dir)]
         run(
             launch(config, [*script, *argv], cuda),
