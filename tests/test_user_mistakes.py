@@ -365,13 +365,37 @@ def test_train_refuses_out_of_range_and_replaced_flags_before_writing(
             ["cache-teacher", "--teacher", "{model}", "--teacher_cache", "{file}", *TINY],
             "is a file, not a folder",
         ),
+        (
+            ["cache-teacher", "--teacher", "{model}", "--teacher_cache", "{file}/cache", *TINY],
+            "is under {file}, which is a file, not a folder",
+        ),
+        (
+            [
+                "cache-teacher",
+                "--teacher",
+                "{model}",
+                "--teacher_cache",
+                "c",
+                "--output_dir",
+                "{file}",
+                *TINY,
+            ],
+            "--output_dir {file} is a file, not a folder",
+        ),
+        (
+            ["train", "--output_dir", "{file}/run", *SCRATCH, *NO_TEACHER, *TINY],
+            "is under {file}, which is a file",
+        ),
     ],
 )
 def test_other_commands_refuse_bad_values_before_writing(model, tmp_path, capsys, monkeypatch, argv, said):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a_file").write_text("mine")
-    names = {"{model}": str(model), "{file}": str(tmp_path / "a_file")}
-    expect_refusal(capsys, tmp_path, [names.get(arg, arg) for arg in argv], said)
+
+    def fill(text: str) -> str:
+        return text.replace("{model}", str(model)).replace("{file}", str(tmp_path / "a_file"))
+
+    expect_refusal(capsys, tmp_path, [fill(arg) for arg in argv], fill(said))
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,7 @@ from .data import (
 )
 from .device_augment import AUGMENT_ON
 from .errors import MissingPathError, UserError
+from .folder_lock import check_folder_path
 from .transforms import TRAIN_PRESETS
 
 DISTILLATION_TYPES = ("none", "soft", "hard")
@@ -466,6 +467,7 @@ def check_training_arguments(
     cache_args: TeacherCacheArguments | None = None,
 ) -> None:
     """Out-of-range values and impossible combinations, each naming its flag."""
+    check_folder_path(training_args.output_dir, "--output_dir")
     _check(
         training_args.learning_rate > 0, "learning_rate", f"must be > 0, got {training_args.learning_rate}."
     )

@@ -57,15 +57,25 @@ def _read_holder(path: Path) -> dict[str, Any] | None:
         return {}  # written by something else: treated as held, with the removal advice
 
 
+def check_folder_path(folder: str | os.PathLike, flag: str) -> None:
+    """Raise, naming `flag`, when `folder` cannot become a folder: it, or a folder above it, is a file."""
+    path = Path(os.path.expanduser(folder)).absolute()
+    for part in (path, *path.parents):
+        if part.exists():
+            if not part.is_dir():
+                where = "is a file" if part == path else f"is under {part}, which is a file"
+                raise UserError(f"{flag} {folder} {where}, not a folder: choose a folder path.")
+            return
+
+
 def acquire(folder: str | os.PathLike, flag: str, command: str) -> Path:
     """Take the lock of `folder` (created if missing) for this process; returns the lock file.
 
     Raises:
         FolderBusyError: a live run (or one on another host, or an unreadable lock) holds it.
     """
+    check_folder_path(folder, flag)
     folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"{flag} {folder} is a file, not a folder: choose a folder path.")
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / LOCK_FILE
     me = {
