@@ -355,6 +355,7 @@ def test_train_refuses_out_of_range_and_replaced_flags_before_writing(
             "--unlabeled_dataset only adds unlabelled training",
         ),
         (["predict", "{model}", "x.png", "--top_k", "0"], "--top_k must be >= 1"),
+        (["predict", "{model}", "{empty}"], "{empty} holds no image files"),
         (
             ["predict", "{model}", "x.png", "--onnx_file", "m.onnx"],
             "--onnx_file m.onnx is read only with --onnx",
@@ -392,8 +393,13 @@ def test_other_commands_refuse_bad_values_before_writing(model, tmp_path, capsys
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a_file").write_text("mine")
 
+    (tmp_path / "empty").mkdir()
+
     def fill(text: str) -> str:
-        return text.replace("{model}", str(model)).replace("{file}", str(tmp_path / "a_file"))
+        names = {"{model}": model, "{file}": tmp_path / "a_file", "{empty}": tmp_path / "empty"}
+        for name, path in names.items():
+            text = text.replace(name, str(path))
+        return text
 
     expect_refusal(capsys, tmp_path, [fill(arg) for arg in argv], fill(said))
 

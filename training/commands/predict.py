@@ -47,6 +47,10 @@ def image_files(paths: list[str]) -> Iterator[str]:
                 for file in Path(path).rglob("*")
                 if file.is_file() and file.suffix.lower() in extensions
             )
+            if not found:
+                raise UserError(
+                    f"{path} holds no image files (none with an extension PIL opens, such as .jpg or .png)."
+                )
             yield from found
         else:
             yield path  # missing or unreadable files are reported when they are read
@@ -63,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     if not args.onnx:
         check_model_folder(args.model, "predict")
+    files = list(
+        image_files(args.paths)
+    )  # before the model loads: a folder without images is refused at once
     if args.onnx:
         classifier, config = _onnx_classifier(args.model, args.onnx_file)
     else:
@@ -78,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         config = classifier.model.config
     top_k = min(args.top_k, config.num_labels)
     failed = 0
-    for path in image_files(args.paths):
+    for path in files:
         try:
             if not os.path.isfile(path):
                 raise FileNotFoundError("no such file")
