@@ -18,6 +18,7 @@ they are skipped with the reason.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -110,6 +111,21 @@ def launch(config: str, script: list[str], cuda: bool) -> list[str]:
     return [*command, *script]
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a launch and every process under it. `os.killpg` alone does not do: torchrun (under accelerate's
+    DDP, FSDP and DeepSpeed launchers) starts each worker in a session of its own, which would live on, stalled."""
+    import psutil  # accelerate's own dependency
+
+    try:
+        descendants = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        descendants = []
+    os.killpg(pid, signal.SIGKILL)
+    for process in descendants:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+
+
 def run(command: list[str], log_file: Path, marker: Path | None = None, timeout: float = 600) -> None:
     """Run `command`; with a marker, SIGKILL its process group once the marker appears."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
@@ -120,11 +136,11 @@ def run(command: list[str], log_file: Path, marker: Path | None = None, timeout:
         deadline = time.monotonic() + timeout
         while process.poll() is None:
             if marker is not None and marker.exists():
-                os.killpg(process.pid, signal.SIGKILL)
+                kill_tree(process.pid)
                 process.wait()
                 return
             if time.monotonic() > deadline:
-                os.killpg(process.pid, signal.SIGKILL)
+                kill_tree(process.pid)
                 raise RuntimeError(f"timed out: {' '.join(command)}; see {log_file}")
             time.sleep(0.5)
     if marker is not None:
