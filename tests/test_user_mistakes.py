@@ -567,6 +567,33 @@ def test_ctrl_c_in_train_is_one_line_exit_130_and_releases_the_folder(data, tmp_
     assert not (out / LOCK_FILE).exists()
 
 
+def test_ctrl_c_in_cache_teacher_names_the_incomplete_cache_and_releases_it(
+    data, model, tmp_path, capsys, monkeypatch
+):
+    from deit_distill.training.commands import cache_teacher
+
+    def interrupted(trainer, directory, *args, **kwargs):
+        (Path(directory) / "shard.parquet").write_text("half")  # what a cut run leaves
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cache_teacher, "write_teacher_cache", interrupted)
+    cache = tmp_path / "cache"
+    argv = [
+        "cache-teacher",
+        "--dataset_name",
+        str(data),
+        *TINY,
+        "--teacher",
+        str(model),
+        "--teacher_cache",
+        str(cache),
+    ]
+    assert cli([*argv, "--output_dir", str(tmp_path / "out")]) == 130
+    line = one_error_line(capsys, "deit-distill cache-teacher: interrupted; ")
+    assert f"the teacher cache {cache} is incomplete" in line and "run the same command again" in line
+    assert not (cache / LOCK_FILE).exists()
+
+
 def test_ctrl_c_in_push_is_one_line_exit_130_and_changes_nothing(model, capsys, monkeypatch):
     import deit_distill.model_cards as model_cards
 

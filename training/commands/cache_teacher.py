@@ -21,7 +21,7 @@ from deit_distill.training.arguments import (
     check_data_arguments,
     check_training_arguments,
 )
-from deit_distill.training.errors import UserError
+from deit_distill.training.errors import Interrupted, UserError
 from deit_distill.training.folder_lock import hold_folder
 from deit_distill.training.models import build_model
 from deit_distill.training.teacher import load_teacher_image_processor
@@ -100,7 +100,15 @@ def _write_cache(
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    run_cache_teacher(*parse_args(argv, command="cache-teacher"))
+    arguments = parse_args(argv, command="cache-teacher")
+    try:
+        run_cache_teacher(*arguments)
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (errors.Terminated)
+        cache = arguments[-1].teacher_cache
+        raise Interrupted(
+            f"interrupted; the teacher cache {cache} is incomplete (train refuses it): run the same command again "
+            "to finish it, from the shards already written."
+        ) from stop
     return 0
 
 
