@@ -17,8 +17,10 @@ would refuse it, so a successful run also shows it is not wrapped.
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -166,6 +168,63 @@ def test_shipped_launcher_configs_load_with_accelerate_and_name_our_layer():
     # FSDP's auto-wrap finds layers by class name: it must be a class of the shipped model.
     assert hasattr(modeling_deit_distill, fsdp["fsdp_transformer_layer_cls_to_wrap"])
     assert loaded["deepspeed_zero2"].deepspeed_config["zero_stage"] == 2
+
+
+# What `accelerate launch --config_file YAML` hands a process (accelerate's own launch code), then what transformers'
+# Trainer does with it (`HfTrainerDeepSpeedConfig`): a fixed DeepSpeed value that differs from the run's
+# TrainingArguments stops the run before its first step ("Please correct the following DeepSpeed config values").
+DEEPSPEED_MATCH_CHECK = """
+import json, os, sys
+from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+from accelerate.utils import DeepSpeedPlugin
+from accelerate.utils.launch import prepare_deepspeed_cmd_env
+from deit_distill.training.commands.train import parse_args
+from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+config_file, cases = sys.argv[1], json.loads(sys.argv[2])
+launch = launch_command_parser().parse_args(["--config_file", config_file, "--num_processes", "1", "train.py"])
+launch, defaults, precision_from_config = _validate_launch_command(launch)
+fields = [*defaults.deepspeed_config, *(["mixed_precision"] if precision_from_config else [])]
+launch.deepspeed_fields_from_accelerate_config = ",".join(fields)  # as accelerate's launch_command sets it
+os.environ.update(prepare_deepspeed_cmd_env(launch)[1])
+mismatches = {}
+for name, argv in cases.items():
+    args = parse_args([*argv, "--output_dir", "/tmp/unused", "--use_cpu", "true", "--bf16", "false"])[5]
+    config = HfTrainerDeepSpeedConfig(DeepSpeedPlugin().deepspeed_config)
+    config.trainer_config_process(args)
+    mismatches[name] = config.mismatches
+print(json.dumps(mismatches))
+"""
+
+
+@pytest.mark.parametrize("config", sorted((ROOT / "training" / "accelerate_configs").glob("deepspeed*.yaml")))
+def test_shipped_deepspeed_configs_leave_to_the_run_what_its_flags_set(config, tmp_path):
+    """Without deepspeed installed, a stand-in distribution (name and version only) lets transformers' DeepSpeed
+    config class load, in a subprocess of its own; nothing of DeepSpeed itself runs."""
+    fake = tmp_path / "site"
+    (fake / "deepspeed").mkdir(parents=True)
+    (fake / "deepspeed" / "__init__.py").write_text('__version__ = "0.19.8"\n')
+    (fake / "deepspeed-0.19.8.dist-info").mkdir()
+    (fake / "deepspeed-0.19.8.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: deepspeed\nVersion: 0.19.8\n"
+    )
+    recipes = {path.name: [str(path)] for path in sorted((ROOT / "training" / "recipes").glob("*.json"))}
+    cases = {
+        **recipes,
+        "defaults": [],
+        "accumulation, clipping, batch": ["--gradient_accumulation_steps", "4", "--max_grad_norm", "0.5",
+                                          "--per_device_train_batch_size", "8", "--learning_rate", "1e-4"],
+    }  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", DEEPSPEED_MATCH_CHECK, str(config), json.dumps(cases)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(fake), *sys.path])},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    mismatches = json.loads(done.stdout.strip().splitlines()[-1])
+    assert mismatches == {name: [] for name in cases}
 
 
 class _FakeZero3Config:
