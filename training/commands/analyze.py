@@ -25,24 +25,14 @@ from transformers import (
 )
 
 from deit_distill.training.analysis import analyze_model, format_analysis, plot_analysis
-from deit_distill.training.arguments import DataArguments, check_data_arguments
-from deit_distill.training.checkpoints import check_model_folder, check_model_source
+from deit_distill.training.arguments import DataArguments
 from deit_distill.training.collator import DistillationCollator
 from deit_distill.training.errors import UserError
 from deit_distill.training.run_record import RunRecord
 from deit_distill.training.trainer import DistillationTrainer
 from deit_distill.training.transforms import build_eval_transform, with_image_transform
 
-from .evaluate import (
-    AUGMENT_ON_HELP,
-    HELP_GROUPS,
-    TRAINING_ONLY,
-    _teacher,
-    check_augment_on,
-    refuse_training_only_flags,
-    resolve_data,
-)
-from .flags import DataclassParser, dataclass_help
+from .evaluate import AUGMENT_ON_HELP, HELP_GROUPS, _teacher, parse_model_command
 
 USAGE = "deit-distill analyze MODEL_OR_RUN [--dataset_name ...] [--teacher T|none] [--json] [--plot PATH]"
 
@@ -117,23 +107,13 @@ def default_plot_path(model_path: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if any(token in ("-h", "--help") for token in argv):
-        groups = (("Analysis", AnalyzeArguments), HELP_GROUPS[1])
-        print(dataclass_help(f"{USAGE}\n\n{__doc__.split(chr(10) * 2)[1]}", groups, TRAINING_ONLY))
+    groups = (("Analysis", AnalyzeArguments), HELP_GROUPS[1])
+    description = __doc__.split(chr(10) * 2)[1]
+    parsed = parse_model_command(argv, "analyze", USAGE, description, groups, AnalyzeArguments)
+    if parsed is None:
         return 0
-    if not argv or argv[0].startswith("-"):
-        raise UserError(f"analyze needs a model or run directory first: {USAGE}")
-    model, rest = argv[0], argv[1:]
-    data_args, analyze_args = DataclassParser((DataArguments, AnalyzeArguments)).parse_flags(rest)
-    check_model_source(model, "analyze")
-    check_model_folder(model, "analyze")
-    refuse_training_only_flags(rest, "analyze")
-    check_augment_on(analyze_args.augment_on)
-    if analyze_args.batch_size < 1:
-        raise UserError(f"--batch_size must be >= 1, got {analyze_args.batch_size}.")
-    data_args, seed = resolve_data(model, rest, data_args, analyze_args.seed)
-    check_data_arguments(data_args)
-    result = run_analysis(model, data_args, analyze_args, seed)
+    model, data_args, analyze_args = parsed
+    result = run_analysis(model, data_args, analyze_args, analyze_args.seed)
     plot = analyze_args.plot or (None if analyze_args.json else default_plot_path(model))
     if plot:
         plot_analysis(result, plot)

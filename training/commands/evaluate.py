@@ -15,6 +15,7 @@ import os
 import sys
 import tempfile
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import (
@@ -88,6 +89,30 @@ def refuse_training_only_flags(argv: list[str], command: str) -> None:
                 f"--{name} only adds unlabelled training images; {command} evaluates the labelled split alone, "
                 "so leave it out."
             )
+
+
+def parse_model_command(
+    argv: list[str], command: str, usage: str, description: str, groups: tuple, arguments_class: type
+) -> tuple[str, DataArguments, Any] | None:
+    """`COMMAND MODEL [data flags] [command flags]` of eval and analyze, checked: the model, the data arguments (the
+    run's own with the given flags on top) and the command's arguments, whose seed is resolved the same way.
+    None when --help was asked for (and printed)."""
+    if any(token in ("-h", "--help") for token in argv):
+        print(dataclass_help(f"{usage}\n\n{description}", groups, TRAINING_ONLY))
+        return None
+    if not argv or argv[0].startswith("-"):
+        raise UserError(f"{command} needs a model or run directory first: {usage}")
+    model, rest = argv[0], argv[1:]
+    data_args, command_args = DataclassParser((DataArguments, arguments_class)).parse_flags(rest)
+    check_model_source(model, command)
+    check_model_folder(model, command)
+    refuse_training_only_flags(rest, command)
+    check_augment_on(command_args.augment_on)
+    if command_args.batch_size < 1:
+        raise UserError(f"--batch_size must be >= 1, got {command_args.batch_size}.")
+    data_args, command_args.seed = resolve_data(model, rest, data_args, command_args.seed)
+    check_data_arguments(data_args)
+    return model, data_args, command_args
 
 
 def resolve_data(
@@ -213,20 +238,10 @@ def _loss(record: RunRecord | None, teacher: str | None) -> DistillationLoss:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if any(token in ("-h", "--help") for token in argv):
-        print(dataclass_help(f"{USAGE}\n\n{__doc__.split(chr(10) * 2)[1]}", HELP_GROUPS, TRAINING_ONLY))
+    description = __doc__.split(chr(10) * 2)[1]
+    parsed = parse_model_command(argv, "eval", USAGE, description, HELP_GROUPS, EvalArguments)
+    if parsed is None:
         return 0
-    if not argv or argv[0].startswith("-"):
-        raise UserError(f"eval needs a model or run directory first: {USAGE}")
-    model, rest = argv[0], argv[1:]
-    data_args, eval_args = DataclassParser((DataArguments, EvalArguments)).parse_flags(rest)
-    check_model_source(model, "eval")
-    check_model_folder(model, "eval")
-    refuse_training_only_flags(rest, "eval")
-    check_augment_on(eval_args.augment_on)
-    if eval_args.batch_size < 1:
-        raise UserError(f"--batch_size must be >= 1, got {eval_args.batch_size}.")
-    data_args, seed = resolve_data(model, rest, data_args, eval_args.seed)
-    check_data_arguments(data_args)
-    print(json.dumps(evaluate_model(model, data_args, eval_args, seed), indent=2))
+    model, data_args, eval_args = parsed
+    print(json.dumps(evaluate_model(model, data_args, eval_args, eval_args.seed), indent=2))
     return 0
