@@ -17,6 +17,7 @@ import os
 import platform
 import shutil
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -71,15 +72,8 @@ ArgumentGroups = tuple[
     TrainingArguments,
     TeacherCacheArguments,
 ]
-ARGUMENT_CLASSES = (
-    ModelArguments,
-    DataArguments,
-    AugmentationArguments,
-    DistillationArguments,
-    RunArguments,
-    TrainingArguments,
-    TeacherCacheArguments,
-)
+# The parser's classes, in the order parse_args returns them.
+ARGUMENT_CLASSES = typing.get_args(ArgumentGroups)
 # Files that mean a run finished in a folder (a later run would replace them).
 _FINISHED_RUN_FILES = (RUN_RECORD_FILE, "config.json", "model.safetensors")
 
