@@ -40,7 +40,7 @@ from transformers.image_utils import PILImageResampling
 from deit_distill.modeling_deit_distill import DeiTDistillConfig, DeiTDistillForImageClassification
 from deit_distill.modeling_deit_distill.convert_deit_distill import from_timm, from_transformers_deit
 
-from .errors import MissingPathError, UserError
+from .errors import MissingPathError, UserError, with_reason
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +146,11 @@ def read_json_file(path: str | os.PathLike, what: str = "") -> dict[str, Any]:
         value = json.loads(text)
     except json.JSONDecodeError as error:
         raise UserError(
-            f"{prefix}{path} is not valid JSON ({error.msg} at line {error.lineno}); the file is damaged."
+            with_reason(
+                f"{prefix}{path} is not valid JSON (",
+                error.msg,
+                f" at line {error.lineno}); the file is damaged.",
+            )
         ) from None
     if not isinstance(value, dict):
         raise UserError(f"{prefix}{path} holds a JSON {type(value).__name__}, not an object.")

@@ -32,7 +32,7 @@ from PIL import Image
 # One conversion for training, eval and the shipped pipeline; re-exported here as part of the data API.
 from deit_distill.modeling_deit_distill.pipeline_deit_distill import to_rgb
 
-from .errors import UserError
+from .errors import UserError, with_reason
 
 logger = logging.getLogger(__name__)
 
@@ -297,8 +297,11 @@ def load_source(
         except Exception as error:  # a damaged save_to_disk folder: name it, with `datasets`' reason
             reason = _innermost(error)
             raise UserError(
-                f"{flag} {source}: cannot read this save_to_disk folder ({type(reason).__name__}: "
-                f"{str(reason).splitlines()[0] if str(reason) else 'no detail'}); save it again."
+                with_reason(
+                    f"{flag} {source}: cannot read this save_to_disk folder ({type(reason).__name__}: ",
+                    reason,
+                    "); save it again.",
+                )
             ) from error
         saved = saved if isinstance(saved, datasets.DatasetDict) else {"train": saved}
         splits = {
@@ -568,8 +571,12 @@ def _load_tables(
                         f"{flag} {source}: {', '.join(str(path) for path in paths)} holds no rows."
                     ) from error
                 raise UserError(
-                    f"{flag} {source}: cannot read {', '.join(str(path) for path in paths)} as {builder} "
-                    f"({type(reason).__name__}: {str(reason).splitlines()[0] if str(reason) else 'no detail'})."
+                    with_reason(
+                        f"{flag} {source}: cannot read {', '.join(str(path) for path in paths)} as {builder} "
+                        f"({type(reason).__name__}: ",
+                        reason,
+                        ").",
+                    )
                 ) from error
             parts.append(_with_paths_resolved(part, image_column, folder, source, flag))
         splits[split] = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
@@ -703,9 +710,12 @@ def decode_image(value: Any, index: int | None = None) -> Image.Image:
         if path:
             location.append(f"file {path!r}")
         raise CorruptImageError(
-            f"Cannot decode image ({', '.join(location) or 'location unknown'}): {type(error).__name__}: "
-            f"{error}. Remove or replace it, or drop corrupt images before training with --on_corrupt_image skip "
-            "(in Python: scan_images(dataset, on_error='skip'))."
+            with_reason(
+                f"Cannot decode image ({', '.join(location) or 'location unknown'}): {type(error).__name__}: ",
+                error,
+                ". Remove or replace it, or drop corrupt images before training with --on_corrupt_image skip "
+                "(in Python: scan_images(dataset, on_error='skip')).",
+            )
         ) from error
 
 
