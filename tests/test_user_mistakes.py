@@ -334,6 +334,18 @@ OUT_OF_RANGE = [
     (["--mixup_prob", "2"], "--mixup_prob must be in [0, 1]"),
     (["--cache_dtype", "int8"], "--cache_dtype must be float16 or float32"),
     (["stray"], "unexpected argument 'stray'"),
+    # Values a library refuses (TrainingArguments, the model config, the DataLoader) name their flag, in one line.
+    (["--warmup_steps", "-1"], "--warmup_steps: Got warmup_steps = -1.0"),
+    (["--dataloader_num_workers", "-1"], "--dataloader_num_workers must be >= 0"),
+    (["--attn_implementation", "nosuch"], "--attn_implementation nosuch: Specified"),
+    (["--variant", "huge"], "--variant huge: Unknown DeiT variant 'huge'; choose one of"),
+    (["--image_mean", "0.5,0.5"], "--image_mean takes 3 numbers, one per RGB channel"),
+    (["--image_std", "0.2,0,0.2"], "--image_std values divide the pixels, so each must be > 0"),
+    (["--config_overrides", "hiddn_size=16"], "unknown config field 'hiddn_size' of DeiTDistillConfig; did you mean hidden_size?"),
+    (["--config_overrides", "hidden_size=16,num_attention_heads=3"], "must be divisible by num_attention_heads (3)"),
+    (["--config_overrides", "hidden_size=16;patch_size=8"], "Field 'hidden_size' expected int, got str"),
+    (["--config_overrides", "patch_size=8,hidden_size=16,num_attention_heads=2", "--image_size", "20"], "--image_size 20"),
+    (["--architecture", "resnet", "--config_overrides", "hiden_sizes=[8]"], "'hiden_sizes' of ResNetConfig; did you mean hidden_sizes?"),
 ]  # fmt: skip
 
 

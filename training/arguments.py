@@ -21,7 +21,7 @@ from .data import (
     load_image_dataset,
     load_unlabeled_images,
     random_subset,
-    scan_images,
+    scan_splits,
     source_kind,
     with_unlabeled,
 )
@@ -203,17 +203,13 @@ class DataArguments:
             dataset["train"] = with_unlabeled(
                 dataset["train"], self._unlabeled_images(dataset, seed, cache_dir)
             )
-        scan = self.verify_images or self.on_corrupt_image == "skip"
-        for split in dataset if scan else ():
-            images = len(dataset[split])
-            dataset[split], skipped = scan_images(dataset[split], on_error=self.on_corrupt_image)
-            if skipped:
-                logger.warning("Skipped %d undecodable images in the %s split.", skipped, split)
-            if images and not len(dataset[split]):
-                raise UserError(
-                    f"--dataset_name {self.dataset_name}: all {images} images of the {split} split are corrupt "
-                    "(--on_corrupt_image skip dropped every one); check that the files are images."
-                )
+        if self.verify_images or self.on_corrupt_image == "skip":
+            dataset = scan_splits(
+                dataset,
+                self.on_corrupt_image,
+                self.dataset_name,
+                allow_classes_without_training_images=self.allow_classes_without_training_images,
+            )
         return dataset
 
     def same_source_for_unlabeled(self) -> bool:
@@ -456,7 +452,8 @@ def _check_local_path(flag: str, name: str, advice: str) -> None:
     if local and not os.path.exists(path):
         raise MissingPathError(f"--{flag} {name}: no such folder or file. {advice}")
     if os.path.isfile(path):
-        source_kind(name, f"--{flag}")  # refuses a file that is not a data file, before anything is written
+        # Refuses a file that is not a data file, before anything is written.
+        source_kind(name, f"--{flag}", labelled=flag != "unlabeled_dataset")
 
 
 def check_training_arguments(
@@ -479,6 +476,10 @@ def check_training_arguments(
     for flag in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         value = getattr(training_args, flag)
         _check(value >= 1, flag, f"must be >= 1, got {value}.")
+    workers = training_args.dataloader_num_workers
+    _check(
+        workers >= 0, "dataloader_num_workers", f"must be >= 0 (0 loads in the main process), got {workers}."
+    )
     _check(
         training_args.weight_decay >= 0, "weight_decay", f"must be >= 0, got {training_args.weight_decay}."
     )

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import re
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 from transformers import ResNetConfig, ResNetForImageClassification
 from transformers.image_processing_utils import BaseImageProcessor
@@ -54,14 +57,46 @@ def build_model(model_args: ModelArguments, id2label: dict[int, str]) -> BuiltMo
         "id2label": id2label,
         "label2id": {name: index for index, name in id2label.items()},
     }
+    model = _scratch_model(model_args, label_kwargs)
+    processor = build_image_processor(
+        model.config,
+        crop_pct=_or(model_args.crop_pct, DEFAULT_CROP_PCT),
+        image_mean=_normalisation(model_args.image_mean, "image_mean") or IMAGENET_DEFAULT_MEAN,
+        image_std=_normalisation(model_args.image_std, "image_std") or IMAGENET_DEFAULT_STD,
+    )
+    return BuiltModel(model, processor, None)
+
+
+def check_model_arguments(model_args: ModelArguments) -> None:
+    """Build a from-scratch model's config and layout on the meta device (no memory, no time), so that a bad
+    --variant, --config_overrides, --image_size or --attn_implementation is one line before any data loads."""
+    _normalisation(model_args.image_mean, "image_mean")
+    _normalisation(model_args.image_std, "image_std")
+    if model_args.model_name_or_path:
+        return
+    with torch.device("meta"):
+        model = _scratch_model(model_args, {"num_labels": 2})
+        size = model.config.image_size
+        height, width = (size, size) if isinstance(size, int) else size
+        try:  # shapes only: a layout whose layers do not fit together fails here, not at the first step
+            model(pixel_values=torch.empty(1, model.config.num_channels, height, width))
+        except (RuntimeError, ValueError) as error:
+            raise _model_flags_error(error, model_args) from error
+
+
+def _scratch_model(model_args: ModelArguments, label_kwargs: dict[str, Any]) -> nn.Module:
     overrides = parse_config_overrides(model_args.config_overrides)
-    if model_args.architecture == "resnet":
-        if model_args.drop_path_rate is not None:
-            raise UserError("--drop_path_rate: transformers' ResNet has no stochastic depth; leave it unset.")
-        config = ResNetConfig(**{**RESNET_TEACHER_DEFAULTS, **overrides}, **label_kwargs)
-        config.image_size = model_args.image_size or 224
-        model = ResNetForImageClassification(config)
-    else:
+    resnet = model_args.architecture == "resnet"
+    if resnet and model_args.drop_path_rate is not None:
+        raise UserError("--drop_path_rate: transformers' ResNet has no stochastic depth; leave it unset.")
+    if resnet and model_args.attn_implementation:
+        raise UserError("--attn_implementation: a ResNet has no attention; leave it unset.")
+    _check_override_names(overrides, ResNetConfig if resnet else DeiTDistillConfig)
+    try:
+        if resnet:
+            config = ResNetConfig(**{**RESNET_TEACHER_DEFAULTS, **overrides}, **label_kwargs)
+            config.image_size = model_args.image_size or 224
+            return ResNetForImageClassification(config)
         use_token = model_args.use_distillation_token
         fields = {
             "drop_path_rate": _or(model_args.drop_path_rate, STUDENT_DROP_PATH_RATE),
@@ -72,16 +107,52 @@ def build_model(model_args: ModelArguments, id2label: dict[int, str]) -> BuiltMo
             **label_kwargs,
         }
         config = DeiTDistillConfig.from_variant(model_args.variant, **fields)
-        model = DeiTDistillForImageClassification._from_config(
+        return DeiTDistillForImageClassification._from_config(
             config, attn_implementation=model_args.attn_implementation or "sdpa"
         )
-    processor = build_image_processor(
-        model.config,
-        crop_pct=_or(model_args.crop_pct, DEFAULT_CROP_PCT),
-        image_mean=_floats(model_args.image_mean, "image_mean") or IMAGENET_DEFAULT_MEAN,
-        image_std=_floats(model_args.image_std, "image_std") or IMAGENET_DEFAULT_STD,
-    )
-    return BuiltModel(model, processor, None)
+    except (ValueError, TypeError, StrictDataclassError) as error:
+        raise _model_flags_error(error, model_args) from error
+
+
+# Config keys that a run sets itself (labels) or that describe a saved file, not the architecture.
+_NOT_OVERRIDABLE = {
+    "_name_or_path",
+    "architectures",
+    "transformers_version",
+    "model_type",
+    "id2label",
+    "label2id",
+}
+
+
+def _check_override_names(overrides: dict[str, Any], config_class: type) -> None:
+    """A misspelt key would be stored as an extra config field and change nothing: refuse it, naming the nearest."""
+    known = sorted(set(config_class().to_dict()) - _NOT_OVERRIDABLE)
+    for key in overrides:
+        if key in _NOT_OVERRIDABLE:
+            raise UserError(f"--config_overrides {key}: set by the run itself, not an architecture field.")
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"did you mean {close[0]}?" if close else f"the fields are {', '.join(known)}."
+            raise UserError(
+                f"--config_overrides: unknown config field {key!r} of {config_class.__name__}; {hint}"
+            )
+
+
+def _model_flags_error(error: BaseException, model_args: ModelArguments) -> UserError:
+    """One line for a model these flags cannot build, naming the flags that shape it."""
+    message = " ".join(str(error).split())
+    if "attn_implementation" in message:
+        return UserError(f"--attn_implementation {model_args.attn_implementation}: {message}")
+    if message.startswith("Unknown DeiT variant"):
+        return UserError(f"--variant {model_args.variant}: {message}")
+    given = [
+        f"--{name} {value}"
+        for name in ("architecture", "variant", "image_size", "config_overrides")
+        if (value := getattr(model_args, name, None)) not in (None, "")
+        and not (name == "variant" and model_args.architecture == "resnet")
+    ]
+    return UserError(f"no model can be built from {' '.join(given)}: {message}")
 
 
 def _from_checkpoint(model_args: ModelArguments, id2label: dict[int, str]) -> BuiltModel:
@@ -152,8 +223,8 @@ def _checkpoint_processor(
     return build_image_processor(
         size_config,
         crop_pct=_or(model_args.crop_pct, getattr(processor, "crop_pct", None) or DEFAULT_CROP_PCT),
-        image_mean=_floats(model_args.image_mean, "image_mean") or tuple(mean),
-        image_std=_floats(model_args.image_std, "image_std") or tuple(std),
+        image_mean=_normalisation(model_args.image_mean, "image_mean") or tuple(mean),
+        image_std=_normalisation(model_args.image_std, "image_std") or tuple(std),
     )
 
 
@@ -178,13 +249,19 @@ def parse_config_overrides(text: str | None) -> dict[str, Any]:
     return values
 
 
-def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
+def _normalisation(text: str | None, flag: str) -> tuple[float, ...] | None:
+    """--image_mean / --image_std: three numbers, one per RGB channel (images are converted to RGB); a std > 0."""
     if text is None:
         return None
     try:
-        return tuple(float(value) for value in text.split(","))
+        values = tuple(float(value) for value in text.split(","))
     except ValueError:
         raise UserError(f"--{flag} takes comma-separated numbers, e.g. 0.5,0.5,0.5; got {text!r}.") from None
+    if len(values) != 3:
+        raise UserError(f"--{flag} takes 3 numbers, one per RGB channel (e.g. 0.5,0.5,0.5); got {text!r}.")
+    if flag == "image_std" and not all(value > 0 for value in values):
+        raise UserError(f"--{flag} values divide the pixels, so each must be > 0; got {text!r}.")
+    return values
 
 
 def _or(value: Any, default: Any) -> Any:

@@ -23,7 +23,7 @@ from deit_distill.training.arguments import (
 )
 from deit_distill.training.errors import Interrupted, UserError
 from deit_distill.training.folder_lock import hold_folder
-from deit_distill.training.models import build_model
+from deit_distill.training.models import build_model, check_model_arguments
 from deit_distill.training.teacher import load_teacher_image_processor
 from deit_distill.training.teacher_cache import describe_run, write_teacher_cache
 
@@ -46,6 +46,7 @@ def run_cache_teacher(
         )
     check_data_arguments(data_args)
     check_training_arguments(model_args, augmentation_args, distill_args, training_args)
+    check_model_arguments(model_args)
     check_cache_arguments(cache_args)
     # The cache folder is this command's while it writes (`deit_distill.training.folder_lock`).
     with hold_folder(

@@ -56,6 +56,20 @@ def unknown_arguments_error(remaining: list[str], known: Iterable[str], where: s
     )
 
 
+def refused_value_error(error: BaseException, known: Iterable[str]) -> UserError:
+    """One line for a value a library refused, led by the first flag its message names (whole words: `steps` is
+    not in `warmup_steps`), so the user knows which flag to change."""
+    message = " ".join(str(error).split()) or type(error).__name__
+    found = [
+        (match.start(), flag)
+        for flag in known
+        if (match := re.search(rf"\b{re.escape(flag[2:])}\b", message))
+    ]
+    if not found:
+        return UserError(f"{message} (check the flags given, or see --help)")
+    return UserError(f"{min(found)[1]}: {message}")
+
+
 def _is_number(token: str) -> bool:
     try:
         float(token)
@@ -111,10 +125,16 @@ class DataclassParser(_OneLineErrors, HfArgumentParser):
         super().__init__(dataclass_types, **kwargs)
 
     def parse_flags(self, argv: list[str], where: str = "") -> tuple[Any, ...]:
-        """The dataclasses from `argv`; an unknown flag is a `UserError` naming the nearest known one."""
-        *values, remaining = self.parse_args_into_dataclasses(
-            args=argv, return_remaining_strings=True, look_for_args_file=False
-        )
+        """The dataclasses from `argv`; an unknown flag is a `UserError` naming the nearest known one, and a value
+        a dataclass refuses (transformers' TrainingArguments checks many in `__post_init__`) one naming its flag."""
+        try:
+            *values, remaining = self.parse_args_into_dataclasses(
+                args=argv, return_remaining_strings=True, look_for_args_file=False
+            )
+        except UserError:
+            raise
+        except ValueError as error:
+            raise refused_value_error(error, option_names(self)) from error
         if remaining:
             raise unknown_arguments_error(remaining, option_names(self), where)
         return tuple(values)

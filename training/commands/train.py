@@ -47,7 +47,7 @@ from deit_distill.training.errors import Interrupted, UserError
 from deit_distill.training.evaluation import HEADS, metric_key
 from deit_distill.training.folder_lock import LOCK_FILE, hold_folder
 from deit_distill.training.losses import DistillationLoss
-from deit_distill.training.models import BuiltModel, build_model
+from deit_distill.training.models import BuiltModel, build_model, check_model_arguments
 from deit_distill.training.run_record import RUN_RECORD_FILE, RunRecord, hub_dataset_id, hub_model_id
 from deit_distill.training.teacher import load_teacher, load_teacher_image_processor
 from deit_distill.training.teacher_cache import TeacherCache, check_cache_files, open_for_run
@@ -347,6 +347,7 @@ def run_training(
     cache_args = cache_args or TeacherCacheArguments()
     check_data_arguments(data_args)
     check_training_arguments(model_args, augmentation_args, distill_args, training_args, cache_args)
+    check_model_arguments(model_args)
     check_unlabeled_arguments(data_args, distill_args)
     check_cache_arguments(cache_args)
     check_settings_take_effect(

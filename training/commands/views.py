@@ -136,11 +136,12 @@ def _parse_recipe_flags(source: str, flags: list[str]) -> tuple[Any, ...]:
 def _load(source: str, flags: list[str], options: Any) -> tuple[Any, Any, AugmentationArguments, int]:
     """The student's image processor, the training split, the augmentation settings and the data seed."""
     if source.endswith(".json"):
-        from deit_distill.training.models import build_model
+        from deit_distill.training.models import build_model, check_model_arguments
 
         groups = _parse_recipe_flags(source, flags)
         model_args, data_args, augmentation, *_, training_args, _ = groups
         check_data_arguments(data_args)
+        check_model_arguments(model_args)
         dataset = data_args.load(training_args.seed, unlabeled=False)
         names = dataset["train"].features["label"].names
         processor = build_model(model_args, dict(enumerate(names))).image_processor
