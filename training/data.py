@@ -62,10 +62,7 @@ UNLABELED = -1
 TABLE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 # What a builder needs to be told about an extension: a .tsv is a csv with tabs (pandas' `sep`).
 TABLE_READ_OPTIONS = {".tsv": {"sep": "\t"}}
-ACCEPTED_SOURCES = (
-    "a folder of images (one sub-folder per class), a .csv/.tsv/.json/.jsonl/.parquet file or a folder of them "
-    "(train/validation/test files named by split), a save_to_disk folder, 'fashion_mnist' or a Hub dataset id"
-)
+
 # Obvious column names, tried (case-insensitively) when --image_column / --label_column are not given.
 IMAGE_COLUMN_NAMES = (
     "image",
@@ -82,6 +79,15 @@ IMAGE_COLUMN_NAMES = (
     "photo",
 )
 LABEL_COLUMN_NAMES = ("label", "labels", "class", "class_name", "category", "target")
+
+
+def accepted_sources(labelled: bool = True) -> str:
+    """What a source flag takes, for error messages; unlabelled images may be in a flat folder."""
+    folder = "one sub-folder per class" if labelled else "flat or in sub-folders, whose names are ignored"
+    return (
+        f"a folder of images ({folder}), a .csv/.tsv/.json/.jsonl/.parquet file or a folder of them "
+        "(train/validation/test files named by split), a save_to_disk folder, 'fashion_mnist' or a Hub dataset id"
+    )
 
 
 class CorruptImageError(ValueError):
@@ -130,7 +136,8 @@ def load_image_dataset(
         seed: Seed of the held-out split and of the subsets.
         cache_dir: Cache directory for `datasets` (and for the converted Fashion-MNIST).
         allow_classes_without_training_images: Keep classes that have no training image (with a warning)
-            rather than refusing them.
+            rather than refusing them: none in the source's training split, or none left once the held-out
+            split or `train_subset` took them (`scan_splits` checks the same after dropping corrupt images).
 
     Returns:
         The splits; its `eval_split_used` attribute names the source of "validation" (e.g. "test", or
@@ -169,30 +176,48 @@ def load_image_dataset(
     for name, dataset in splits.items():
         splits[name] = _canonical_columns(dataset, image_column, label_column, source, name)
     splits = _as_class_labels(splits, source, label_column, raw.kind, allow_classes_without_training_images)
-    absent = set(_classes_without_rows(splits["train"]))  # allowed above
+    # Each step below may drop every training image of a class: refused (or warned about) naming that step.
+    keep_classes = {"where": f"--dataset_name {source}", "allow": allow_classes_without_training_images}
+    absent = _classes_without_rows(splits["train"])  # kept above, when allowed
 
     if "validation" not in splits:
         if not 0.0 < eval_fraction < 1.0:
             raise ValueError(f"eval_fraction must be in (0, 1), got {eval_fraction}.")
         train = splits["train"]
         held_out = _stratified_indices(_labels(train), round(len(train) * eval_fraction), seed)
+        if not len(held_out):
+            raise UserError(
+                f"--dataset_name {source}: no eval split, and {eval_fraction:.0%} of the {len(train)} training "
+                "images (--eval_fraction) is none to evaluate on; raise --eval_fraction, add images, or name an "
+                "eval split with --eval_split."
+            )
         keep = np.setdiff1d(np.arange(len(train)), held_out)
         splits = {"train": train.select(keep), "validation": train.select(held_out)}
+        _check_classes_kept(
+            train,
+            splits["train"],
+            f"holding out {eval_fraction:.0%} of the {train_split} split for evaluation (there is no eval split; "
+            f"--eval_fraction {eval_fraction})",
+            "add images of them (a class needs two to be in both splits), or name an eval split with --eval_split",
+            **keep_classes,
+        )
 
     full_train, unpicked = splits["train"], None
     picked = _subset_indices(full_train, train_subset, seed)
     if picked is not None:
         splits["train"] = full_train.select(picked)
         unpicked = full_train.select(np.setdiff1d(np.arange(len(full_train)), picked))
-    splits["validation"] = _subset(splits["validation"], eval_subset, seed)
-    lost = [name for name in _classes_without_rows(splits["train"]) if name not in absent]
-    if lost:
-        logger.warning(
-            "The training subset (--max_train_samples %s, or the held-out share) has no image of %d classes: %s.",
-            train_subset,
-            len(lost),
-            _shorten(", ".join(lost)),
+        classes = len(_class_names(full_train)) - len(absent)
+        too_few = f"{train_subset} images cannot hold {classes} classes; " if train_subset < classes else ""
+        _check_classes_kept(
+            full_train,
+            splits["train"],
+            f"--max_train_samples {train_subset}",
+            f"raise --max_train_samples ({too_few}the subset keeps each class's share of the images, so a small "
+            "class needs a larger subset)",
+            **keep_classes,
         )
+    splits["validation"] = _subset(splits["validation"], eval_subset, seed)
     result = datasets.DatasetDict(splits)
     # Where "validation" came from, for the run record and the card (the split objects do not keep it).
     result.eval_split_used = eval_split or f"{train_split} (held out {eval_fraction:.0%})"
@@ -251,14 +276,17 @@ class SourceSplits(datasets.DatasetDict):
     kind: str = "hub"
 
 
-def source_kind(source: str, flag: str = "--dataset_name") -> str:
+def source_kind(source: str, flag: str = "--dataset_name", *, labelled: bool = True) -> str:
     """What `source` names: "fashion_mnist", "table" (a data file), "tables" (a folder of data files),
     "saved" (a `save_to_disk` folder), "imagefolder" or "hub" (anything that is not a local path).
+
+    Args:
+        labelled: Whether the source is read for its labels (its error message then asks for class folders).
 
     Raises:
         UserError: `source` is a local file or folder of none of these kinds.
     """
-    return _classify(source, flag)[0]
+    return _classify(source, flag, labelled)[0]
 
 
 def load_source(
@@ -282,7 +310,7 @@ def load_source(
         drop_labels: For a folder of images, ignore sub-folder names (unlabelled images).
         flag: The flag that named `source`, for error messages.
     """
-    kind, contents = _classify(source, flag)
+    kind, contents = _classify(source, flag, labelled=not drop_labels)
     path = Path(os.path.expanduser(source))
     if kind == FASHION_MNIST:
         splits = _load_fashion_mnist(FASHION_MNIST_DIR, cache_dir)
@@ -342,8 +370,9 @@ def pick_column(
 
     `name` given: that column, which must exist. Otherwise the column named `role`, else the one column with an
     `Image` (`ClassLabel`) feature, else the one column with an obvious name (`IMAGE_COLUMN_NAMES`,
-    `LABEL_COLUMN_NAMES`), else, for labels, the one column of names or indices left beside the images
-    (`exclude`); the choice is logged.
+    `LABEL_COLUMN_NAMES`, case and surrounding spaces aside), else, for labels, the one column of names or
+    indices left beside the images (`exclude`). Every choice made here is logged (unless `log` is false), with the
+    other columns that could have been chosen and the flag that chooses them.
 
     Raises:
         UserError: No such column, or no single obvious one; the message lists the columns and the flag to set.
@@ -360,7 +389,8 @@ def pick_column(
     feature_type = datasets.Image if role == "image" else datasets.ClassLabel
     typed = [column for column in columns if isinstance(dataset.features[column], feature_type)]
     known = IMAGE_COLUMN_NAMES if role == "image" else LABEL_COLUMN_NAMES
-    named = [column for column in columns if column.lower() in known]
+    # Case and surrounding spaces aside: a CSV header "image, label" names its second column " label".
+    named = [column for column in columns if column.strip().lower() in known]
     # A table of two columns, images and one other of names or indices: that other one holds the labels.
     only = columns if role == "label" and exclude and len(columns) == 1 else []
     only = [
@@ -369,17 +399,24 @@ def pick_column(
         if _holds_names(dataset.features[column]) or _holds_indices(dataset.features[column])
     ]
     for candidates in ([role] if role in columns else [], typed, named, only):
-        if len(candidates) == 1:
-            if candidates[0] != role and log:
-                logger.info(
-                    "Reading the %ss from column %r (set %s to choose another).", role, candidates[0], flag
-                )
-            return candidates[0]
         if len(candidates) > 1:
             raise UserError(
                 f"{where}: several columns could hold the {role}s ({', '.join(candidates)}); set {flag} to one of "
                 "them."
             )
+        if candidates:
+            chosen = candidates[0]
+            if log:
+                passed_over = [c for c in dict.fromkeys(typed + named + only) if c != chosen]
+                others = (
+                    f" (set {flag} to choose another)"
+                    if not passed_over
+                    else f"; column {passed_over[0]!r} could also hold them (set {flag} {passed_over[0]} to use it)"
+                    if len(passed_over) == 1
+                    else f"; columns {', '.join(map(repr, passed_over))} could also hold them (set {flag} to one)"
+                )
+                logger.info("%s: reading the %ss from column %r%s.", where, role, chosen, others)
+            return chosen
     raise UserError(f"{where}: no {role} column found among the columns {dataset.column_names}; set {flag}.")
 
 
@@ -443,8 +480,9 @@ def class_folders_dataset(root: Path, contents: _FolderContents) -> datasets.Dat
     return datasets.DatasetDict({"train": train})
 
 
-def _classify(source: str, flag: str) -> tuple[str, _FolderContents | None]:
+def _classify(source: str, flag: str, labelled: bool) -> tuple[str, _FolderContents | None]:
     """`source_kind`, with the folder listing it read (`None` unless a folder was listed)."""
+    accepted = accepted_sources(labelled)
     if source == FASHION_MNIST:
         return FASHION_MNIST, None
     path = Path(os.path.expanduser(source))
@@ -453,8 +491,7 @@ def _classify(source: str, flag: str) -> tuple[str, _FolderContents | None]:
             return "table", None
         raise UserError(
             f"{flag} {source}: {f'a {path.suffix} file' if path.suffix else 'a file without extension'}, not a "
-            f"data file. {flag} takes "
-            f"{ACCEPTED_SOURCES}."
+            f"data file. {flag} takes {accepted}."
         )
     if not path.is_dir():
         return "hub", None
@@ -467,7 +504,7 @@ def _classify(source: str, flag: str) -> tuple[str, _FolderContents | None]:
         return "imagefolder", contents
     found = f"files such as {', '.join(contents.others[:3])}" if contents.others else "no files"
     raise UserError(
-        f"{flag} {source}: a folder with neither images nor data files ({found}). {flag} takes {ACCEPTED_SOURCES}."
+        f"{flag} {source}: a folder with neither images nor data files ({found}). {flag} takes {accepted}."
     )
 
 
@@ -628,12 +665,12 @@ def _check_image_paths(dataset: datasets.Dataset, source: str, split: str, flag:
     if paths and len(missing) == len(paths):
         raise UserError(
             f"{flag} {source}: none of the {len(paths)} image files checked in the {split} split exists, e.g. "
-            f"{missing[0]}. Relative paths are read against the folder of the data file that holds them: make "
+            f"{missing[0]!r}. Relative paths are read against the folder of the data file that holds them: make "
             "them relative to it, or absolute."
         )
     if missing:
         logger.warning(
-            "%s %s: %d of %d image files checked in the %s split do not exist, e.g. %s; reading them will fail "
+            "%s %s: %d of %d image files checked in the %s split do not exist, e.g. %r; reading them will fail "
             "(--on_corrupt_image skip drops them).",
             flag,
             source,
@@ -726,6 +763,39 @@ def _refuse_over_pixel_limit(image: Image.Image) -> None:
             f"{image.width}x{image.height} = {image.width * image.height} pixels, over PIL's limit "
             f"Image.MAX_IMAGE_PIXELS = {limit}"
         )
+
+
+def scan_splits(
+    dataset: datasets.DatasetDict,
+    on_error: str,
+    source: str,
+    *,
+    allow_classes_without_training_images: bool = False,
+) -> datasets.DatasetDict:
+    """`scan_images` on every split of `dataset` (in place); with "skip", refuses a split left without images,
+    and a class left without training images unless allowed, naming the flag that dropped them."""
+    where = f"--dataset_name {source}"
+    for split in list(dataset):
+        before = dataset[split]
+        dataset[split], skipped = scan_images(before, on_error=on_error)
+        if not skipped:
+            continue
+        logger.warning("Skipped %d undecodable images in the %s split.", skipped, split)
+        if not len(dataset[split]):
+            raise UserError(
+                f"{where}: all {skipped} images of the {split} split are corrupt (--on_corrupt_image skip dropped "
+                "every one); check that the files are images."
+            )
+        if split == "train":
+            _check_classes_kept(
+                before,
+                dataset[split],
+                f"--on_corrupt_image skip (it dropped {skipped} undecodable images)",
+                "replace their corrupt images",
+                where=where,
+                allow=allow_classes_without_training_images,
+            )
+    return dataset
 
 
 def scan_images(
@@ -865,6 +935,7 @@ def _as_class_labels(
             else f"check that --label_column ({label_column}) is the column of classes"
         )
         raise UserError(f"{where}: the training split has {found}; a classifier needs at least two: {hint}.")
+    _warn_of_near_duplicates(names, where)
     without = _classes_without_rows(splits["train"])
     if without:
         in_eval = (
@@ -875,20 +946,68 @@ def _as_class_labels(
         described = ", ".join(
             f"{name} (in the eval split only)" if name in in_eval else name for name in without
         )
-        if not allow_classes_without_training_images:
-            raise UserError(
-                f"{where}: {len(without)} of {len(names)} classes have no training image: {_shorten(described)}. "
-                "Their outputs would never train; add training images for them, remove them, or keep them with "
-                "--allow_classes_without_training_images true."
-            )
-        logger.warning(
-            "%s: %d of %d classes have no training image (kept, --allow_classes_without_training_images): %s.",
+        _refuse_classes_without_images(
             where,
-            len(without),
-            len(names),
-            _shorten(described),
+            f"{len(without)} of {len(names)} classes have no training image: {_shorten(described)}",
+            "add training images for them, remove them",
+            allow_classes_without_training_images,
         )
     return splits
+
+
+def _refuse_classes_without_images(where: str, problem: str, fix: str, allow: bool) -> None:
+    """The one message for classes left without a training image: refused, or kept with a warning when `allow`."""
+    if not allow:
+        raise UserError(
+            f"{where}: {problem}. Their outputs would never train; {fix}, or keep them with "
+            "--allow_classes_without_training_images true."
+        )
+    logger.warning("%s: %s; kept (--allow_classes_without_training_images true).", where, problem)
+
+
+def _check_classes_kept(
+    before: datasets.Dataset, after: datasets.Dataset, step: str, fix: str, *, where: str, allow: bool
+) -> None:
+    """Refuse (or, when `allow`, warn about) the classes that have rows in `before` and none in `after`, the
+    training split once `step` dropped some of its images; `fix` says what to change."""
+    had = set(_class_names(before)) - set(_classes_without_rows(before))
+    lost = [name for name in _classes_without_rows(after) if name in had]
+    if lost:
+        problem = (
+            f"{step} left no training image of {len(lost)} of {len(_class_names(after))} classes: "
+            f"{_shorten(', '.join(lost))}"
+        )
+        _refuse_classes_without_images(where, problem, fix, allow)
+
+
+def _warn_of_near_duplicates(names: list[str], where: str) -> None:
+    """Warn of class names that differ only by case or surrounding whitespace ('cat' and 'Cat ', often one class
+    mistyped): they stay separate classes, since only the user knows whether they are one. Names with surrounding
+    whitespace are kept as written too (as pandas and RFC 4180 read a CSV cell), and warned of."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(name.strip().casefold(), []).append(name)
+    similar = [group for group in groups.values() if len(group) > 1]
+    if similar:
+        shown = "; ".join(" and ".join(map(repr, group)) for group in similar)
+        logger.warning(
+            "%s: class names that differ only by case or surrounding spaces are separate classes: %s. If they are "
+            "one class, give them one spelling in the labels.",
+            where,
+            _shorten(shown),
+        )
+    spaced = [name for group in groups.values() if len(group) == 1 for name in group if name != name.strip()]
+    if spaced:
+        logger.warning(
+            '%s: class names with surrounding spaces, kept as written: %s (a CSV written with ", " between '
+            "cells has them).",
+            where,
+            _shorten(", ".join(map(repr, spaced))),
+        )
+
+
+def _class_names(dataset: datasets.Dataset) -> list[str]:
+    return dataset.features["label"].names
 
 
 def _class_label_of(train: datasets.Dataset, where: str, label_column: str) -> datasets.ClassLabel:
