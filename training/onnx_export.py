@@ -30,6 +30,8 @@ from transformers.image_processing_utils import BaseImageProcessor
 from deit_distill.modeling_deit_distill.onnx_classifier import INPUT_NAME, ONNX_FILE, create_session
 
 from .errors import UserError
+from .output_files import OutputKind
+from .run_record import EVAL_RESULTS_FILE, RUN_RECORD_FILE, TRAINER_STATE_FILE
 from .transforms import ImageExamples, output_size
 
 INT8_FILE = "model_int8.onnx"
@@ -41,6 +43,15 @@ HEAD_OUTPUTS = ("cls_logits", "distillation_logits")
 TOLERANCE = 1e-4
 VERIFY_BATCH_SIZES = (1, 3)
 INT8_MODES = ("dynamic", "static")
+# What `deit-distill export` writes (the graphs, config.json, preprocessor_config.json, the report, the config's
+# code file): a folder holding anything else is not replaced by `export --overwrite true`.
+EXPORT_OUTPUT = OutputKind(
+    command="export",
+    what="an ONNX export",
+    markers=(ONNX_FILE, REPORT_FILE),
+    suffixes=(".onnx", ".json", ".py"),
+    foreign=(RUN_RECORD_FILE, TRAINER_STATE_FILE, EVAL_RESULTS_FILE),
+)
 
 
 class OnnxMismatchError(UserError):
@@ -73,6 +84,17 @@ class ExportReport:
         path = Path(output_dir) / REPORT_FILE
         path.write_text(json.dumps(asdict(self), indent=2) + "\n")
         return path
+
+
+def exported_files(folder: str | os.PathLike) -> list[str] | None:
+    """The ONNX files an export folder's `onnx_export.json` lists; `None` for a folder without a readable report
+    (one made some other way, or by a version that wrote none)."""
+    try:
+        values = json.loads((Path(folder) / REPORT_FILE).read_text())
+        int8 = values.get("int8") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    return [ONNX_FILE, *([int8["file"]] if isinstance(int8, dict) and int8.get("file") else [])]
 
 
 class _ExportedOutputs(nn.Module):

@@ -28,6 +28,7 @@ from .errors import UserError
 from .evaluation import build_compute_metrics
 from .losses import DistillationLoss
 from .optim import layer_decay_param_groups, no_decay_parameter_names
+from .output_files import use_default_modes
 from .sampler import ViewSampler
 from .teacher import (
     InputSpec,
@@ -515,9 +516,10 @@ class DistillationTrainer(Trainer):
         finally:
             self.args.save_total_limit = limit
         if self.args.should_save:
-            rotate_checkpoints(
-                self._get_output_dir(trial=trial), limit, keep=(self.state.best_model_checkpoint,)
-            )
+            run_dir = self._get_output_dir(trial=trial)
+            # Optimizer, scheduler and RNG files too, whichever library wrote them (see `use_default_modes`).
+            use_default_modes(f"{run_dir}/{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}", recursive=True)
+            rotate_checkpoints(run_dir, limit, keep=(self.state.best_model_checkpoint,))
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
         if resume_from_checkpoint is True:
@@ -561,3 +563,4 @@ class DistillationTrainer(Trainer):
         if self.args.should_save:
             with open(os.path.join(output_dir, LOSS_SETTINGS_FILE), "w") as handle:
                 json.dump(loss_settings(self.distillation_loss), handle, indent=2)
+            use_default_modes(output_dir)  # safetensors leaves model.safetensors 0600

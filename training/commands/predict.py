@@ -112,11 +112,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def _onnx_classifier(folder: str, file_name: str) -> tuple[Any, Any]:
     """The pipeline-shaped ONNX Runtime runner of an export folder, and its config."""
-    from deit_distill.training.onnx_export import require_onnx
+    from deit_distill.training.onnx_export import REPORT_FILE, exported_files, require_onnx
 
     require_onnx(["onnxruntime"])
     from deit_distill.modeling_deit_distill.onnx_classifier import OnnxImageClassifier
 
+    listed = exported_files(folder)
+    # A file the export's report does not list is not of this export (a copy, or left by an older version).
+    if listed is not None and file_name not in listed:
+        raise UserError(
+            f"--onnx_file {file_name}: {folder}/{REPORT_FILE} lists {', '.join(listed)} only, so {file_name} is "
+            "not of this export; choose one of those, or export again (--quantize int8 writes model_int8.onnx)."
+        )
     if not os.path.isfile(os.path.join(folder, file_name)):
         raise MissingPathError(
             f"predict --onnx: {folder} has no {file_name}; write it with `deit-distill export`."
