@@ -27,11 +27,13 @@ import pytest
 from PIL import Image
 
 from deit_distill.training.arguments import DataArguments, check_data_arguments
+from deit_distill.training.checkpoints import read_json_file
 from deit_distill.training.commands.cli import main as cli
 from deit_distill.training.data import CorruptImageError, decode_image, load_unlabeled_images, scan_images
-from deit_distill.training.errors import UserError
+from deit_distill.training.errors import UserError, with_reason
 
 ROOT = Path(__file__).resolve().parent.parent
+LOGGER = "deit_distill.training.data"
 # Named so that the order of first appearance, "zebra", "ant", "moth", is not the sorted order.
 NAMES = ("zebra", "ant", "moth")
 PER_CLASS = {"train": 4, "validation": 2}
@@ -294,8 +296,13 @@ def test_columns_are_found_by_their_obvious_names_and_the_choice_is_logged(tmp_p
     with caplog.at_level("INFO", logger="deit_distill.training.data"):
         dataset = DataArguments(dataset_name=str(source)).load(seed=0, cache_dir=str(tmp_path / "cache"))
     assert len(dataset["train"]) + len(dataset["validation"]) == 12
-    assert "Reading the images from column 'file' (set --image_column" in caplog.text
-    assert "Reading the labels from column 'category' (set --label_column" in caplog.text
+    assert (
+        f"--dataset_name {source}: reading the images from column 'file' (set --image_column" in caplog.text
+    )
+    assert (
+        f"--dataset_name {source}: reading the labels from column 'category' (set --label_column"
+        in caplog.text
+    )
 
 
 def test_the_one_column_beside_the_images_holds_the_labels(tmp_path, caplog):
@@ -306,7 +313,7 @@ def test_the_one_column_beside_the_images_holds_the_labels(tmp_path, caplog):
             seed=0, cache_dir=str(tmp_path / "c")
         )
     assert dataset["train"].features["label"].names == sorted(NAMES)
-    assert "Reading the labels from column 'species'" in caplog.text
+    assert "reading the labels from column 'species'" in caplog.text
     (tmp_path / "two.csv").write_text(
         (tmp_path / "train.csv").read_text().replace("species", "species,size", 1)
     )
@@ -314,6 +321,84 @@ def test_the_one_column_beside_the_images_holds_the_labels(tmp_path, caplog):
         UserError, match=r"no label column found among the columns \['photo', 'species', 'size'\]"
     ):
         DataArguments(dataset_name=str(tmp_path / "two.csv")).load(seed=0, cache_dir=str(tmp_path / "c"))
+
+
+# The columns each writer above wrote: (images, labels).
+WRITTEN_COLUMNS = {
+    "imagefolder": ("image", "label"),
+    "raw image bytes": ("image", "category"),
+    "{'bytes'} image structs": ("image", "category"),
+}
+
+
+def data_log(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.name == LOGGER]
+
+
+@pytest.mark.parametrize("kind", list(FORMATS))
+def test_every_automatic_column_choice_is_logged_for_every_source_kind(kind, tmp_path, caplog):
+    write, label_kinds, path_kinds = FORMATS[kind]
+    source = write(tmp_path / "case", label_kinds[0], path_kinds[0])
+    with caplog.at_level("INFO", logger=LOGGER):
+        DataArguments(dataset_name=str(source)).load(seed=0, cache_dir=str(tmp_path / "cache"))
+    image, label = WRITTEN_COLUMNS.get(kind, ("file", "category"))
+    lines = data_log(caplog)
+    where = f"--dataset_name {source}"
+    assert (
+        f"{where}: reading the images from column {image!r} (set --image_column to choose another)." in lines
+    )
+    assert (
+        f"{where}: reading the labels from column {label!r} (set --label_column to choose another)." in lines
+    )
+    assert not any("differ only by case" in line for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("header", "logged"),
+    [
+        (
+            ["image", "label", "class"],
+            "reading the labels from column 'label'; column 'class' could also hold them (set --label_column "
+            "class to use it).",
+        ),
+        (
+            ["image", "label", "class", "Category"],
+            "reading the labels from column 'label'; columns 'class', 'Category' could also hold them (set "
+            "--label_column to one).",
+        ),
+        (
+            ["image", "path", "label"],
+            "reading the images from column 'image'; column 'path' could also hold them (set --image_column "
+            "path to use it).",
+        ),
+    ],
+)
+def test_a_column_chosen_among_several_candidates_names_the_others(tmp_path, caplog, header, logged):
+    """`label` (indices) beside `class` (names): the column named as its role wins, and the log says which
+    others could have been chosen and how. The chosen column is the one read (indices give names "0", "1")."""
+    rows = records(tmp_path, "train", "int", "relative")
+    names = [NAMES[index % len(NAMES)] for index in range(len(rows))]
+    files, indices = [r["file"] for r in rows], [r["category"] for r in rows]
+    values = {"image": files, "path": files, "label": indices, "class": names, "Category": names}
+    write_csv(
+        tmp_path / "train.csv", [{column: values[column][i] for column in header} for i in range(len(rows))]
+    )
+    with caplog.at_level("INFO", logger=LOGGER):
+        dataset = DataArguments(dataset_name=str(tmp_path / "train.csv")).load(
+            seed=0, cache_dir=str(tmp_path / "c")
+        )
+    assert f"--dataset_name {tmp_path / 'train.csv'}: {logged}" in data_log(caplog)
+    assert dataset["train"].features["label"].names == ["0", "1", "2"]
+
+
+def test_the_image_column_of_unlabelled_images_is_logged(tmp_path, caplog):
+    source = single_file("csv")(tmp_path, "string", "relative")
+    with caplog.at_level("INFO", logger=LOGGER):
+        load_unlabeled_images(str(source), cache_dir=str(tmp_path / "c"))
+    assert (
+        f"--unlabeled_dataset {source}: reading the images from column 'file' (set --unlabeled_image_column to "
+        "choose another)." in data_log(caplog)
+    )
 
 
 def test_the_load_reads_no_image_unless_asked(tmp_path, monkeypatch):
@@ -459,7 +544,7 @@ def test_a_path_column_pointing_at_missing_files(tmp_path):
         load(tmp_path, dataset_name=str(source))
     message = one_line(error)
     assert (
-        f"none of the 12 image files checked in the train split exists, e.g. {tmp_path}/data/data/images/"
+        f"none of the 12 image files checked in the train split exists, e.g. '{tmp_path}/data/data/images/"
         in message
     )
     assert "Relative paths are read against the folder of the data file" in message
@@ -505,7 +590,10 @@ def test_a_class_only_in_the_validation_folder_is_refused_unless_kept(tmp_path, 
         dataset = load(tmp_path, dataset_name=str(root), allow_classes_without_training_images=True)
     assert dataset["train"].features["label"].names == ["cat", "dog", "fox"]
     assert sorted(set(dataset["validation"]["label"])) == [0, 1, 2]
-    assert "1 of 3 classes have no training image (kept" in caplog.text
+    assert (
+        f"--dataset_name {root}: 1 of 3 classes have no training image: fox (in the eval split only); kept "
+        "(--allow_classes_without_training_images true)." in caplog.text
+    )
 
 
 def test_class_indices_without_training_images(tmp_path):
@@ -527,6 +615,144 @@ def test_eval_labels_unknown_to_training(tmp_path, labels):
         load(tmp_path, dataset_name=str(tmp_path / "data"))
     unknown = "lion" if labels == "string" else "7"
     assert f"the eval split has 1 label(s) the training split does not have: {unknown}." in one_line(error)
+
+
+def labelled_csv(root: Path, labels: list[str]) -> Path:
+    """`root/train.csv`: one distinct image per label, in `root/images`, with the labels exactly as given."""
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for index, label in enumerate(labels):
+        (root / f"{index}.png").write_bytes(png(pixels("train", index)))
+        rows.append({"image": f"{index}.png", "label": label})
+    write_csv(root / "train.csv", rows)
+    return root / "train.csv"
+
+
+def step_that_drops_images(tmp_path: Path, step: str) -> tuple[Path, dict, str, str]:
+    """A source, the flags of a step that drops training images, how the message names the step, and its fix."""
+    if step == "held-out split":  # three classes of one image; half of them held out: two classes lose theirs
+        source = labelled_csv(tmp_path / "data", ["circle", "square", "star"])
+        return (
+            source,
+            {"eval_fraction": 0.5},
+            "holding out 50% of the train split for evaluation (there is no eval split; --eval_fraction 0.5)",
+            "add images of them (a class needs two to be in both splits), or name an eval split with --eval_split",
+        )
+    root = class_folders(
+        tmp_path / "pets", {"train": ["cat", "dog", "fox"], "validation": ["cat", "dog", "fox"]}
+    )
+    if step == "--max_train_samples":  # two images cannot hold three classes
+        return (
+            root,
+            {"max_train_samples": 2},
+            "--max_train_samples 2",
+            "raise --max_train_samples (2 images cannot hold 3 classes; the subset keeps each class's share of the "
+            "images, so a small class needs a larger subset)",
+        )
+    for path in (root / "train" / "cat").iterdir():  # every training image of "cat" corrupt
+        path.write_bytes(b"not an image")
+    return (
+        root,
+        {"on_corrupt_image": "skip"},
+        "--on_corrupt_image skip (it dropped 3 undecodable images)",
+        "replace their corrupt images",
+    )
+
+
+@pytest.mark.parametrize("step", ["held-out split", "--max_train_samples", "--on_corrupt_image skip"])
+def test_a_step_that_leaves_a_class_without_training_images_is_named(tmp_path, caplog, step):
+    """After every step that drops training images, a class left without one is refused in one line naming the
+    step and its fix, or kept with a warning under --allow_classes_without_training_images. The classes it names
+    are those the kept dataset's training labels lack."""
+    source, flags, named, fix = step_that_drops_images(tmp_path, step)
+    with caplog.at_level("WARNING", logger=LOGGER):
+        kept = load(tmp_path, dataset_name=str(source), allow_classes_without_training_images=True, **flags)
+    names = kept["train"].features["label"].names
+    present = set(kept["train"]["label"])
+    lost = [name for index, name in enumerate(names) if index not in present]
+    assert len(lost) == (2 if step == "held-out split" else 1)
+    if step == "--on_corrupt_image skip":
+        assert lost == ["cat"]
+    problem = f"{named} left no training image of {len(lost)} of {len(names)} classes: {', '.join(lost)}"
+    where = f"--dataset_name {source}"
+    assert f"{where}: {problem}; kept (--allow_classes_without_training_images true)." in data_log(caplog)
+
+    with pytest.raises(UserError) as error:
+        load(tmp_path, dataset_name=str(source), **flags)
+    assert one_line(error) == (
+        f"{where}: {problem}. Their outputs would never train; {fix}, or keep them with "
+        "--allow_classes_without_training_images true."
+    )
+
+
+def test_a_held_out_split_of_no_image_is_refused(tmp_path):
+    source = labelled_csv(tmp_path, ["circle", "square", "circle", "square"])  # 10% of 4 rounds to none
+    with pytest.raises(UserError) as error:
+        load(tmp_path, dataset_name=str(source))
+    assert one_line(error) == (
+        f"--dataset_name {source}: there is no eval split, and --eval_fraction 0.1 of the 4 training images holds "
+        "out none to evaluate on; raise --eval_fraction, add images, or name an eval split with --eval_split."
+    )
+
+
+def test_class_names_that_differ_only_by_case_or_spaces_stay_apart_with_a_warning(tmp_path, caplog):
+    """Labels are read as written, surrounding spaces included, as Python's csv module (RFC 4180) reads the cell;
+    names that differ only by case or spaces are separate classes, named in one warning."""
+    labels = ["circle", "circle ", "Square", "square", " star"] * 2
+    source = labelled_csv(tmp_path, labels)
+    with source.open(newline="") as file:
+        as_written = sorted({row["label"] for row in csv.DictReader(file)})
+    with caplog.at_level("WARNING", logger=LOGGER):
+        dataset = load(tmp_path, dataset_name=str(source))
+    assert dataset["train"].features["label"].names == as_written == sorted(set(labels))
+    where = f"--dataset_name {source}"
+    assert data_log(caplog) == [
+        f"{where}: class names that differ only by case or surrounding spaces are separate classes: 'Square' and "
+        "'square'; 'circle' and 'circle '. If they are one class, give them one spelling in the labels.",
+        f"{where}: class names with surrounding spaces, kept as written: ' star' (a CSV written with \", \" between "
+        "cells has them).",
+    ]
+
+
+def test_unlabelled_images_are_not_asked_for_class_folders(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError) as error:
+        load_unlabeled_images(str(tmp_path / "empty"))
+    message = one_line(error)
+    assert message.startswith(
+        f"--unlabeled_dataset {tmp_path / 'empty'}: a folder with neither images nor data files (no files). "
+        "--unlabeled_dataset takes a folder of images (flat or in sub-folders, whose names are ignored), "
+    )
+    assert "per class" not in message
+    (tmp_path / "notes.txt").write_text("a.png\n")
+    with pytest.raises(UserError) as error:
+        check_data_arguments(
+            DataArguments(dataset_name="fashion_mnist", unlabeled_dataset=str(tmp_path / "notes.txt"))
+        )
+    assert "a folder of images (flat or in sub-folders, whose names are ignored)" in one_line(error)
+    assert "per class" not in one_line(error)
+
+
+def test_library_reasons_join_our_messages_without_doubled_words_or_marks(tmp_path):
+    """json's "Invalid control character at" is followed by our "at line 1", PIL's "... DOS attack." by our
+    ". Remove": one word, one full stop."""
+    path = tmp_path / "config.json"
+    path.write_text('{"a": "\x01"}')
+    with pytest.raises(json.JSONDecodeError) as parsed:
+        json.loads(path.read_text())
+    assert (
+        parsed.value.msg == "Invalid control character at"
+    )  # json's own words, as the message receives them
+    with pytest.raises(UserError) as error:
+        read_json_file(path, "--model_name_or_path")
+    assert one_line(error) == (
+        f"--model_name_or_path: {path} is not valid JSON (Invalid control character at line 1); the file is "
+        "damaged."
+    )
+    assert with_reason("(", "Expecting value", " at line 1).") == "(Expecting value at line 1)."
+    assert with_reason("x: ", "attack.", ". Remove it.") == "x: attack. Remove it."
+    assert with_reason("x (", ValueError(""), ").") == "x (no detail)."
+    assert with_reason("x (", "first\nsecond", ").") == "x (first)."
 
 
 def test_every_image_corrupt_with_skip(tmp_path):
@@ -569,8 +795,11 @@ def test_an_image_over_the_pixel_limit_is_corrupt_and_skipped(tmp_path, monkeypa
     )  # over twice the limit: PIL's own DecompressionBombError
     with pytest.raises(
         CorruptImageError, match=rf"file '{root / 'cat' / 'big.png'}'.*DecompressionBombError"
-    ):
+    ) as error:
         scan_images(train, on_error="raise")
+    # PIL's reason ends with its own full stop ("... DOS attack."): ours follows it without a second one.
+    assert "decompression bomb DOS attack. Remove or replace it" in one_line(error)
+    assert ".." not in one_line(error).replace("...", "")
 
 
 # ---------------------------------------------------------------- through the command line
@@ -597,8 +826,28 @@ def mistakes(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
     corrupt = single_file("csv")(tmp_path / "corrupt", "string", "relative")
     for path in (tmp_path / "corrupt" / "images" / "train").iterdir():
         path.write_bytes(b"not an image")
+    dropping = {
+        name: step_that_drops_images(tmp_path / name, step)
+        for name, step in (("subset", "--max_train_samples"), ("skip", "--on_corrupt_image skip"))
+    }
+    dropping_flags = {
+        name: [
+            "--dataset_name",
+            str(source),
+            *(f for key, value in flags.items() for f in (f"--{key}", str(value))),
+        ]
+        for name, (source, flags, _, _) in dropping.items()
+    }
     return {
         "missing file": (["--dataset_name", str(tmp_path / "data/train.csv")], "no such folder or file"),
+        "subset leaves a class out": (
+            dropping_flags["subset"],
+            "--max_train_samples 2 left no training image of 1 of 3 classes",
+        ),
+        "skip leaves a class out": (
+            dropping_flags["skip"],
+            "--on_corrupt_image skip (it dropped 3 undecodable images) left no training image of 1 of 3 classes: cat",
+        ),
         "single class folder": (["--dataset_name", str(single)], "one class folder (cat)"),
         "class only in eval": (["--dataset_name", str(only_in_eval)], "have no training image: fox"),
         "all corrupt, skip": (
@@ -609,7 +858,15 @@ def mistakes(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
 
 
 @pytest.mark.parametrize(
-    "mistake", ["missing file", "single class folder", "class only in eval", "all corrupt, skip"]
+    "mistake",
+    [
+        "missing file",
+        "single class folder",
+        "class only in eval",
+        "all corrupt, skip",
+        "subset leaves a class out",
+        "skip leaves a class out",
+    ],
 )
 def test_train_refuses_the_mistake_in_one_line_before_writing(tmp_path, capsys, mistake):
     flags, named = mistakes(tmp_path)[mistake]

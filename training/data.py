@@ -187,9 +187,9 @@ def load_image_dataset(
         held_out = _stratified_indices(_labels(train), round(len(train) * eval_fraction), seed)
         if not len(held_out):
             raise UserError(
-                f"--dataset_name {source}: no eval split, and {eval_fraction:.0%} of the {len(train)} training "
-                "images (--eval_fraction) is none to evaluate on; raise --eval_fraction, add images, or name an "
-                "eval split with --eval_split."
+                f"--dataset_name {source}: there is no eval split, and --eval_fraction {eval_fraction} of the "
+                f"{len(train)} training images holds out none to evaluate on; raise --eval_fraction, add images, or "
+                "name an eval split with --eval_split."
             )
         keep = np.setdiff1d(np.arange(len(train)), held_out)
         splits = {"train": train.select(keep), "validation": train.select(held_out)}
