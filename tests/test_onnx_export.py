@@ -9,6 +9,7 @@ evaluation split and the PyTorch model's top-1 from `deit-distill eval`.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -293,3 +294,115 @@ def test_push_with_onnx_uploads_the_export_and_the_cards_snippets_run(
     expected = classifier(str(tmp_path / "image.jpg"), top_k=5)
     assert_same_predictions(result["predictions"], expected)
     assert result["printed"] == expected[0]["label"]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The output folder: a non-empty one is refused and left byte for byte as it was; --overwrite true replaces a
+# previous export whole; every file gets the mode `open()` gives.
+
+
+def folder_state(folder: Path) -> dict[str, tuple[bytes, int]]:
+    """Every entry of `folder` (recursively) with its bytes and mode, to prove a refusal changed nothing."""
+    return {
+        str(path.relative_to(folder)): (path.read_bytes() if path.is_file() else b"", path.stat().st_mode)
+        for path in sorted(folder.rglob("*"))
+    }
+
+
+def open_mode(folder: Path) -> int:
+    """The permission bits `open(path, "w")` gives a new file here: the reference for every saved file's mode."""
+    probe = folder / ".probe"
+    with open(probe, "w"):
+        pass
+    mode = probe.stat().st_mode & 0o777
+    probe.unlink()
+    return mode
+
+
+def test_a_previous_export_is_refused_then_replaced_whole_with_overwrite(
+    exported, tiny_model_dir, tmp_path, capsys
+):
+    out = tmp_path / "onnx"
+    shutil.copytree(exported, out)  # a previous export with an int8 copy
+    (out / "model_int8.onnx").chmod(0o600)  # as a library writing through a private temporary file leaves it
+    before = folder_state(out)
+    assert cli(["export", str(tiny_model_dir), "--output", str(out)]) == 2
+    line = one_error_line(capsys)
+    assert "--output" in line and "holds an ONNX export" in line and "--overwrite true" in line
+    assert folder_state(out) == before
+
+    assert cli(["export", str(tiny_model_dir), "--output", str(out), "--overwrite", "true"]) == 0
+    fresh = tmp_path / "fresh"  # the reference: the same export into a new folder
+    assert cli(["export", str(tiny_model_dir), "--output", str(fresh)]) == 0
+    names = sorted(path.name for path in out.iterdir())
+    assert names == sorted(path.name for path in fresh.iterdir()) and "model_int8.onnx" not in names
+    assert json.loads((out / "onnx_export.json").read_text())["int8"] == {}
+    assert [path.name for path in tmp_path.iterdir() if path.name.startswith(".")] == []  # no staging left
+    mode = open_mode(tmp_path)
+    assert {path.name: oct(path.stat().st_mode & 0o777) for path in out.iterdir()} == {
+        name: oct(mode) for name in names
+    }
+
+    # A file the report does not list (left by an older version, or copied in) is refused by name.
+    shutil.copy(exported / "model_int8.onnx", out)
+    capsys.readouterr()
+    assert cli(["predict", str(out), "--onnx", "--onnx_file", "model_int8.onnx", "x.png"]) == 2
+    line = one_error_line(capsys)
+    assert "--onnx_file model_int8.onnx" in line and "lists model.onnx only" in line
+
+
+@pytest.mark.parametrize(
+    ("entries", "overwrite"),
+    [
+        ({"notes.txt": b"mine"}, "true"),  # a file export never writes
+        ({"model.onnx": b"x", "sub/keep.onnx": b"y"}, "true"),  # a subfolder
+        ({"model.onnx": b"x", "deit_distill_run.json": b"{}"}, "true"),  # a training run's record
+        ({"config.json": b"{}"}, "true"),  # no model.onnx or report: not an export
+        ({"model.onnx": b"x"}, "false"),  # an export, but --overwrite not given
+    ],
+)
+def test_export_never_replaces_what_is_not_its_own_output(
+    entries, overwrite, tiny_model_dir, tmp_path, capsys
+):
+    out = tmp_path / "out"
+    for name, content in entries.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(content)
+    before = folder_state(out)
+    assert cli(["export", str(tiny_model_dir), "--output", str(out), "--overwrite", overwrite]) == 2
+    assert "--output" in one_error_line(capsys)
+    assert folder_state(out) == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out"]
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, RuntimeError])
+def test_a_failed_export_leaves_the_previous_export_and_no_new_folder(
+    stop, exported, tiny_model_dir, tmp_path, monkeypatch
+):
+    from deit_distill.training.commands import export as export_command
+
+    def fail(model, processor, folder, **kwargs):
+        (Path(folder) / "model.onnx").write_bytes(b"half written")
+        raise stop("stopped")
+
+    monkeypatch.setattr(export_command, "export_onnx", fail)
+    out = tmp_path / "onnx"
+    shutil.copytree(exported, out)
+    before = folder_state(out)
+    with pytest.raises(stop):
+        export_command.main([str(tiny_model_dir), "--output", str(out), "--overwrite", "true"])
+    assert folder_state(out) == before
+    with pytest.raises(stop):  # into a new folder under new parents: none of them is left
+        export_command.main([str(tiny_model_dir), "--output", str(tmp_path / "a" / "b" / "onnx")])
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["onnx"]
+
+
+def test_int8_flags_without_int8_are_refused(tiny_model_dir, tmp_path, capsys):
+    for flags, named in (
+        (["--int8_mode", "static"], "--int8_mode"),
+        (["--batch_size", "8"], "--batch_size"),
+        (["--quantize", "int8", "--calibration_samples", "8"], "--calibration_samples"),
+    ):
+        assert cli(["export", str(tiny_model_dir), "--output", str(tmp_path / "out"), *flags]) == 2
+        assert f"{named} is read only with --quantize int8" in one_error_line(capsys)
+    assert not (tmp_path / "out").exists()
