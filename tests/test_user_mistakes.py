@@ -745,3 +745,25 @@ def test_on_a_terminal_the_error_line_clears_a_progress_bar_left_on_the_line(tmp
     bar_line, _, after = screen.decode().partition("\r\x1b[K")
     assert "3/10" in bar_line  # the bar was drawn, and the message came after a cleared line
     assert after.startswith("deit-distill: error: eval: ") and "nothere" in after.splitlines()[0], screen
+
+
+def test_ctrl_c_while_a_command_is_still_loading_is_one_line_exit_130(data, tmp_path):
+    """The console script imports each command's modules (torch, transformers, datasets: seconds) inside its
+    handler, so a Ctrl-C that early is one line and exit 130 too, not a traceback and death by the signal."""
+    command = [str(Path(sys.executable).with_name("deit-distill")), "train", "--dataset_name", str(data), *TINY,
+               *SCRATCH, *NO_TEACHER, "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    process = subprocess.Popen(
+        command,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal (see above)
+    )
+    time.sleep(0.5)  # Python is up; the command's imports take seconds
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err[-3000:]
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("deit-distill"), err[-500:]
+    assert "interrupted" in err.strip().splitlines()[-1]

@@ -29,7 +29,8 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from deit_distill.training.data import CorruptImageError
+# Light imports only: this module is the console script's, and a Ctrl-C while torch and datasets load must
+# already get its one line (each command's module is imported inside `main`).
 from deit_distill.training.errors import Interrupted, Terminated, UserError
 
 # Sub-command -> module in deit_distill.training.commands with a `main(argv)`; each parses its own flags (--help included).
@@ -47,7 +48,16 @@ COMMANDS = {
     "push-cache": "push_cache",
     "views": "views",
 }
-_EXPECTED_ERRORS = (UserError, FileNotFoundError, CorruptImageError)
+
+
+def is_expected_error(error: BaseException) -> bool:
+    """A user's mistake (one line), as opposed to a bug (a traceback)."""
+    if isinstance(error, (UserError, FileNotFoundError)):
+        return True
+    data = sys.modules.get(
+        "deit_distill.training.data"
+    )  # an image error can only come once data.py is loaded
+    return data is not None and isinstance(error, data.CorruptImageError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,26 +78,31 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(f"deit_distill.training.commands.{COMMANDS[command]}")
         with sigterm_as_interrupt():
             status = module.main([command, *rest]) if COMMANDS[command] == "hub" else module.main(rest)
-    except _EXPECTED_ERRORS as error:
-        if debug:
-            raise
-        print_last_line(f"deit-distill: error: {error}")
-        return 2
     except (Interrupted, KeyboardInterrupt) as stop:
         if debug:
             raise
         # A command that knows what an interruption leaves behind says so; otherwise the plain fact.
-        print_last_line(f"deit-distill {command}: {stop or 'interrupted.'}")
+        print_last_line(f"deit-distill {command}: {str(stop) or 'interrupted.'}")
         terminated = isinstance(stop, Terminated) or isinstance(stop.__cause__, Terminated)
         return 143 if terminated else 130  # the shell's status for SIGTERM, SIGINT
+    except Exception as error:
+        if debug or not is_expected_error(error):
+            raise
+        print_last_line(f"deit-distill: error: {error}")
+        return 2
     except SystemExit as done:  # --help, and argparse's own exits
         return done.code if isinstance(done.code, int) else (0 if done.code is None else 2)
     return status if isinstance(status, int) else 0
 
 
 def print_last_line(line: str) -> None:
-    """A command's last word, on a line of its own. On a terminal a progress bar (tqdm) may still own the current
-    line, without a newline: clear that line first, so the message is not lost at the end of the bar."""
+    """A command's last word, on a line of its own. A progress bar (tqdm) left open owns the current line, without a
+    newline, and would be drawn again at exit, after the message: close every open bar first (each ends its line).
+    On a terminal, also clear the current line, for any other progress output."""
+    tqdm = sys.modules.get("tqdm.std")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        if not getattr(bar, "disable", True):
+            bar.close()
     print(("\r\033[K" if sys.stderr.isatty() else "") + line, file=sys.stderr, flush=True)
 
 
@@ -116,7 +131,11 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 def entry_point() -> None:
     """The `deit-distill` console script."""
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # before a command started (while its modules load): nothing was done
+        print("deit-distill: interrupted.", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":
