@@ -311,6 +311,10 @@ MISSPELT = [
     (["push", "{model}", "--repo-idd", "a/b"], "--repo_idd", "--repo_id"),
     (["push-cache", "c", "--repo_id", "a/b", "--privat"], "--privat", "--private"),
     (["demo", "--output_dirr", "o"], "--output_dirr", "--output_dir"),
+    # Names from other tools: too far for a spelling match, known by name.
+    (["train", "--lr", "0.1"], "--lr", "--learning_rate"),
+    (["train", "--epochs", "3"], "--epochs", "--num_train_epochs"),
+    (["train", "--batch_size", "3"], "--batch_size", "--per_device_train_batch_size"),
 ]
 
 

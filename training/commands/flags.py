@@ -38,10 +38,39 @@ def option_names(parser: argparse.ArgumentParser) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+# Names users bring from other tools (timm's train.py, PyTorch examples), for flags spelt differently here.
+COMMON_NAMES = {
+    "--lr": "--learning_rate",
+    "--epochs": "--num_train_epochs",
+    "--batch_size": "--per_device_train_batch_size",
+    "--bs": "--per_device_train_batch_size",
+    "--wd": "--weight_decay",
+    "--weight-decay": "--weight_decay",
+    "--workers": "--dataloader_num_workers",
+    "--num_workers": "--dataloader_num_workers",
+    "--data": "--dataset_name",
+    "--dataset": "--dataset_name",
+    "--data_dir": "--dataset_name",
+    "--model": "--model_name_or_path",
+    "--output": "--output_dir",
+    "--out": "--output_dir",
+    "--steps": "--max_steps",
+    "--warmup_epochs": "--warmup_steps",
+    "--smoothing": "--label_smoothing",
+    "--img_size": "--image_size",
+    "--input_size": "--image_size",
+    "--amp": "--bf16",
+    "--resume": "--resume_from_checkpoint",
+}
+
+
 def unknown_flag_message(given: str, known: Iterable[str], where: str = "") -> str:
     """`unknown flag --max_stepz; did you mean --max_steps?`, or a pointer to --help when nothing is close."""
     flag = "--" + given.lstrip("-").split("=")[0].replace("-", "_")
-    close = difflib.get_close_matches(flag, list(known), n=1, cutoff=0.6)
+    known = list(known)
+    if COMMON_NAMES.get(flag) in known:
+        return f"unknown flag {flag}{where}; did you mean {COMMON_NAMES[flag]}?"
+    close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
     hint = f"did you mean {close[0]}?" if close else "see --help for the flags."
     return f"unknown flag {flag}{where}; {hint}"
 
