@@ -7,6 +7,7 @@ the position embedding, LayerNorms start at 1/0), so a swapped or dropped tensor
 from __future__ import annotations
 
 import argparse
+import os
 import re
 
 import pytest
@@ -404,3 +405,117 @@ def test_cli_converts_transformers_dirs_and_exports_our_dirs_natively(tmp_path):
         assert_logits_close(
             DeiTForImageClassificationWithTeacher.from_pretrained(back_dir)(pixels).logits, expected
         )
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# convert's output folder and its messages, through the command line as a user runs it.
+
+
+def _folder_state(folder) -> dict[str, tuple[bytes, int]]:
+    return {
+        str(path.relative_to(folder)): (path.read_bytes() if path.is_file() else b"", path.stat().st_mode)
+        for path in sorted(folder.rglob("*"))
+    }
+
+
+def _open_mode(folder) -> int:
+    """The permission bits `open(path, "w")` gives a new file now: the reference for every saved file's mode."""
+    probe = folder / ".probe"
+    probe.write_text("")
+    mode = probe.stat().st_mode & 0o777
+    probe.unlink()
+    return mode
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("deit-distill: error: "), err
+    return err[0]
+
+
+def test_convert_refuses_a_previous_output_then_replaces_it_whole_with_the_umask_mode(tmp_path, capsys):
+    from deit_distill.training.commands.cli import main as cli
+
+    reference = transformers_reference(DeiTForImageClassificationWithTeacher, 48, True)
+    reference.save_pretrained(tmp_path / "native")
+    out, convert = (
+        tmp_path / "out",
+        ["convert", "--from", "transformers", "--source", str(tmp_path / "native")],
+    )
+    assert cli([*convert, "--output", str(out)]) == 0  # ours: with the model's code files
+    assert {path.name: path.stat().st_mode & 0o777 for path in out.iterdir()} == {
+        path.name: _open_mode(tmp_path) for path in out.iterdir()
+    }  # model.safetensors included (safetensors alone leaves it 0600)
+    before = _folder_state(out)
+    capsys.readouterr()
+    assert cli([*convert, "--to", "transformers", "--output", str(out)]) == 2
+    line = _error_line(capsys)
+    assert "--output" in line and "holds a converted model" in line and "--overwrite true" in line
+    assert _folder_state(out) == before
+
+    umask = os.umask(0o027)  # another umask: the modes follow it, they are not a fixed 0644
+    try:
+        assert cli([*convert, "--to", "transformers", "--output", str(out), "--overwrite", "true"]) == 0
+        assert cli([*convert, "--to", "transformers", "--output", str(tmp_path / "fresh")]) == 0
+        mode = _open_mode(tmp_path)
+    finally:
+        os.umask(umask)
+    assert mode == 0o640
+    names = sorted(path.name for path in out.iterdir())
+    assert names == sorted(path.name for path in (tmp_path / "fresh").iterdir())
+    assert not [name for name in names if name.endswith(".py")]  # ours' code files did not survive
+    assert {path.name: path.stat().st_mode & 0o777 for path in out.iterdir()} == dict.fromkeys(names, mode)
+    pixels = pixels_for(48)
+    with torch.no_grad():
+        assert_logits_close(
+            DeiTForImageClassificationWithTeacher.from_pretrained(out)(pixels).logits,
+            reference(pixels).logits,
+        )
+
+    # A training run (its record, its card) is never replaced, --overwrite or not.
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("config.json", "deit_distill_run.json", "README.md"):
+        (run / name).write_text("{}")
+    before = _folder_state(run)
+    capsys.readouterr()
+    assert cli([*convert, "--output", str(run), "--overwrite", "true"]) == 2
+    assert "holds files that are not a converted model (README.md, deit_distill_run.json)" in _error_line(
+        capsys
+    )
+    assert _folder_state(run) == before
+
+
+def test_convert_names_what_each_source_and_checkpoint_actually_is(tmp_path, capsys):
+    from deit_distill.training.commands.cli import main as cli
+
+    weights = tmp_path / "weights" / "deit.safetensors"
+    weights.parent.mkdir()
+    save_file(timm_reference(VisionTransformerDistilled, 48, True).state_dict(), weights)
+    timm_convert = ["convert", "--from", "timm", "--output", str(tmp_path / "out"), "--source"]
+    cases = [
+        (["nosuch.pth"], "--source nosuch.pth: no such file; --from timm takes a weights file"),
+        ([str(weights.parent)], f"is a folder (it holds {weights.name}: give that file)"),
+        (["deit_tiny_distiled_patch16_224"], "did you mean deit_tiny_distilled_patch16_224?"),
+        (["test_vit"], "--source test_vit is a timm model name, and weights are never downloaded: pass its weights as --checkpoint FILE"),
+        (["test_vit", "--checkpoint", "missing.pth"], "--checkpoint missing.pth: no such file"),
+        (["test_vit", "--checkpoint", str(weights)], f"--checkpoint {weights} does not fit timm's test_vit"),
+        ([str(weights), "--checkpoint", str(weights)], "is already the weights file: leave --checkpoint out"),
+        (["test_vit", "--image_size", "48", "48", "--checkpoint", str(weights)], "--image_size describe a weights file"),
+        ([str(weights), "--crop_pct", "0"], "--crop_pct must be in (0, 1], got 0.0"),
+    ]  # fmt: skip
+    for argv, expected in cases:
+        assert cli([*timm_convert, *argv]) == 2, argv
+        assert expected in _error_line(capsys), argv
+    native = [
+        "convert",
+        "--from",
+        "transformers",
+        "--source",
+        str(tmp_path),
+        "--output",
+        str(tmp_path / "out"),
+    ]
+    assert cli([*native, "--checkpoint", str(weights)]) == 2
+    assert "--checkpoint is read only with --from timm" in _error_line(capsys)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["weights"]  # nothing written
