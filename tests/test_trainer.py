@@ -552,3 +552,15 @@ def test_only_prepare_inputs_moves_a_batch_and_view_keys_stay_on_the_host(tmp_pa
     prepared = trainer._prepare_inputs(dict(batch))
     assert prepared[VIEW_KEYS] is keys
     assert prepared["pixel_values"].device == trainer.args.device
+
+
+def test_every_file_of_the_run_and_its_checkpoint_has_the_mode_open_gives(hard_run, tmp_path):
+    # The reference: a file made here with open(), under the same umask (safetensors alone writes 0600).
+    probe = tmp_path / "probe"
+    probe.write_text("")
+    expected = probe.stat().st_mode & 0o777
+    files = [path for path in hard_run.output_dir.rglob("*") if path.is_file()]
+    names = {str(path.relative_to(hard_run.output_dir)) for path in files}
+    assert {"model.safetensors", "checkpoint-2/model.safetensors", "checkpoint-2/optimizer.pt"} <= names
+    modes = {str(path.relative_to(hard_run.output_dir)): oct(path.stat().st_mode & 0o777) for path in files}
+    assert modes == dict.fromkeys(names, oct(expected))
