@@ -178,7 +178,6 @@ def load_image_dataset(
     splits = _as_class_labels(splits, source, label_column, raw.kind, allow_classes_without_training_images)
     # Each step below may drop every training image of a class: refused (or warned about) naming that step.
     keep_classes = {"where": f"--dataset_name {source}", "allow": allow_classes_without_training_images}
-    absent = _classes_without_rows(splits["train"])  # kept above, when allowed
 
     if "validation" not in splits:
         if not 0.0 < eval_fraction < 1.0:
@@ -207,7 +206,7 @@ def load_image_dataset(
     if picked is not None:
         splits["train"] = full_train.select(picked)
         unpicked = full_train.select(np.setdiff1d(np.arange(len(full_train)), picked))
-        classes = len(_class_names(full_train)) - len(absent)
+        classes = len(_class_names(full_train)) - len(_classes_without_rows(full_train))
         too_few = f"{train_subset} images cannot hold {classes} classes; " if train_subset < classes else ""
         _check_classes_kept(
             full_train,
