@@ -62,7 +62,6 @@ UNLABELED = -1
 TABLE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 # What a builder needs to be told about an extension: a .tsv is a csv with tabs (pandas' `sep`).
 TABLE_READ_OPTIONS = {".tsv": {"sep": "\t"}}
-
 # Obvious column names, tried (case-insensitively) when --image_column / --label_column are not given.
 IMAGE_COLUMN_NAMES = (
     "image",
