@@ -206,6 +206,8 @@ def check_model_folder(source: str, what: str, *, state_dict_file: bool = False)
             "model) or a Hub id."
         )
     if not folder.is_dir():
+        check_model_source(source, what)
+        _check_offline_hub_id(source, what)
         return
     config_path = folder / "config.json"
     if not config_path.is_file():
@@ -230,16 +232,20 @@ def check_model_folder(source: str, what: str, *, state_dict_file: bool = False)
             f"{what} {source}: the folder has no weights ({' or '.join(_WEIGHT_FILES[::2])}); save or copy the "
             f"whole model.{onnx}"
         )
+    shards = [weights[0]]
     if weights[0].name.endswith(".index.json"):
         index = read_json_file(weights[0], what)
-        for name in sorted(set((index.get("weight_map") or {}).values())):
-            if not (folder / name).is_file():
+        shards = [folder / name for name in sorted(set((index.get("weight_map") or {}).values()))]
+        for shard in shards:
+            if not shard.is_file():
                 raise MissingPathError(
-                    f"{what} {source}: the shard {name} named in {weights[0].name} is missing."
+                    f"{what} {source}: the shard {shard.name} named in {weights[0].name} is missing."
                 )
-            check_weights_file(folder / name)
-    else:
-        check_weights_file(weights[0])
+    for shard in shards:
+        try:
+            check_weights_file(shard)
+        except UserError as error:  # the file is named; the flag it came from too
+            raise UserError(f"{what}: {error}") from error
 
 
 def check_image_classifier(model_type: str | None, where: str) -> None:
@@ -273,6 +279,20 @@ def check_model_source(source: str, what: str) -> None:
     if not os.path.exists(source) and not _is_hub_id(source):
         raise MissingPathError(
             f"{what}: {source}: no such run, model folder or file (and not a Hub id owner/name)."
+        )
+
+
+def _check_offline_hub_id(source: str, what: str) -> None:
+    """Offline (HF_HUB_OFFLINE=1), a Hub id can only be read from the local cache: one that is not there is said
+    now, before the data loads, rather than by the loader later."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if os.path.exists(source) or not constants.HF_HUB_OFFLINE:
+        return
+    if not isinstance(try_to_load_from_cache(source, "config.json"), str):
+        raise MissingPathError(
+            f"{what} {source}: no such folder here, and as a Hub id it is not in the local Hub cache (the Hub is "
+            "off: HF_HUB_OFFLINE=1). Check the path, or download the model while online."
         )
 
 
