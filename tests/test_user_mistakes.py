@@ -568,6 +568,24 @@ def test_a_run_records_absolute_paths_and_eval_works_from_anywhere(
     assert json.loads(capsys.readouterr().out)["eval_avg_top1"] == results["eval_avg_top1"]
 
 
+@pytest.mark.parametrize("length", [["--max_steps", "2"], ["--max_steps", "-1", "--num_train_epochs", "1"]])
+def test_resuming_a_run_that_reached_its_length_is_refused_and_changes_nothing(
+    data, tmp_path, capsys, length
+):
+    """It would train nothing, yet rewrite the run's model, metrics and card."""
+    out = tmp_path / "out"
+    # 10 training images (12, less the held-out 10%) at batch 4: 3 steps make one epoch.
+    first = ["train", "--dataset_name", str(data), *TINY, *SCRATCH, *NO_TEACHER, "--max_steps", "3",
+             "--save_strategy", "steps", "--save_steps", "1", "--output_dir", str(out)]  # fmt: skip
+    assert cli(first) == 0
+    capsys.readouterr()
+    again = [*first, "--resume_from_checkpoint", "true", *length]
+    said = f"--resume_from_checkpoint: {out}/checkpoint-3 is at step 3 (epoch 1)"
+    expect_refusal(
+        capsys, tmp_path, again, said, "nothing is left to train", f"Raise {length[-2]} to train further"
+    )
+
+
 # -------------------------------------------------------------------------------------------- interruptions
 def test_ctrl_c_in_train_is_one_line_exit_130_and_releases_the_folder(data, tmp_path, capsys, monkeypatch):
     from deit_distill.training.trainer import DistillationTrainer

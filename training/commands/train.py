@@ -253,6 +253,7 @@ def check_output_dir(training_args: TrainingArguments, run_args: RunArguments) -
     if run_args.overwrite_output_dir:
         return True
     if resuming:
+        check_resume_has_steps_left(training_args)
         return False
     if finished:
         raise UserError(
@@ -265,6 +266,34 @@ def check_output_dir(training_args: TrainingArguments, run_args: RunArguments) -
             "it with --resume_from_checkpoint true, or start over with --overwrite_output_dir true."
         )
     return False
+
+
+def check_resume_has_steps_left(training_args: TrainingArguments) -> None:
+    """Resuming a checkpoint that already reached the run's length would train nothing and still rewrite the run's
+    model, metrics and card: refuse it, saying how to train further."""
+    resume = str(training_args.resume_from_checkpoint)
+    if resume.lower() in ("true", "auto", "last"):
+        checkpoint = last_complete_checkpoint(training_args.output_dir)
+    else:
+        checkpoint = resume if os.path.isdir(resume) else None
+    state_file = Path(checkpoint or "", "trainer_state.json")
+    if checkpoint is None or not state_file.is_file():
+        return  # nothing to resume, or not ours to read: said later
+    state = read_json_file(state_file, "--resume_from_checkpoint")
+    step, epoch = state.get("global_step", 0), state.get("epoch") or 0.0
+    if training_args.max_steps > 0:
+        done, length, flag = step >= training_args.max_steps, training_args.max_steps, "--max_steps"
+    else:
+        done, length, flag = (
+            epoch >= training_args.num_train_epochs - 1e-9,
+            training_args.num_train_epochs,
+            "--num_train_epochs",
+        )
+    if done:
+        raise UserError(
+            f"--resume_from_checkpoint: {checkpoint} is at step {step} (epoch {epoch:g}), which {flag} {length:g} "
+            f"does not go beyond: nothing is left to train. Raise {flag} to train further."
+        )
 
 
 def load_data_once(data_args: DataArguments, training_args: TrainingArguments) -> datasets.DatasetDict:
