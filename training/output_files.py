@@ -126,12 +126,19 @@ def replace_output_folder(
     """
     check_output_folder(path, flag, kind, overwrite)
     target = Path(path).resolve()  # a symbolic link to a folder: write into the folder it names
-    created = [parent for parent in (target, *target.parents) if not parent.exists()][::-1]
-    target.parent.mkdir(parents=True, exist_ok=True)
+    created = [parent for parent in (target, *target.parents) if not parent.exists()]  # innermost first
     staging = target.parent / f".{target.name}.writing-{os.getpid()}"
-    if staging.exists():  # left by a killed process of the same id: it is ours to remove
-        shutil.rmtree(staging)
-    staging.mkdir()
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if staging.exists():  # left by a killed process of the same id: it is ours to remove
+            shutil.rmtree(staging)
+        staging.mkdir()
+    except OSError as error:
+        _remove_empty(created)
+        raise UserError(
+            f"{flag} {path}: cannot write in {target.parent} ({error.strerror or error}); choose a folder you can "
+            "write to."
+        ) from error
     try:
         yield staging
         check_output_folder(path, flag, kind, overwrite)
@@ -142,13 +149,19 @@ def replace_output_folder(
         written = sorted(entry.name for entry in staging.iterdir())
         stale = sorted({entry.name for entry in target.iterdir()} - set(written))
         for name in written:  # each name holds the old file or the new one, never neither
-            os.replace(staging / name, target / name)
+            # A rename, or a copy where the folder is another file system (a mounted volume).
+            shutil.move(staging / name, target / name)
         for name in stale:  # checked above to be files of this command's kind
             (target / name).unlink()
         staging.rmdir()
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        for folder in reversed(created):  # folders made for this output, if it never came to be
-            if folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
+        _remove_empty(created)
         raise
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders made for an output that never came to be (innermost first), if still empty."""
+    for folder in folders:
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
