@@ -402,6 +402,7 @@ def test_int8_flags_without_int8_are_refused(tiny_model_dir, tmp_path, capsys):
         (["--int8_mode", "static"], "--int8_mode"),
         (["--batch_size", "8"], "--batch_size"),
         (["--quantize", "int8", "--calibration_samples", "8"], "--calibration_samples"),
+        (["--quantize", "int8", "--batch_size", "8"], "--batch_size"),  # no run: no top-1 is measured
     ):
         assert cli(["export", str(tiny_model_dir), "--output", str(tmp_path / "out"), *flags]) == 2
         assert f"{named} is read only with --quantize int8" in one_error_line(capsys)

@@ -100,21 +100,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def _check_int8_flags(args: argparse.Namespace) -> None:
     """Refuse an int8 flag that would do nothing, and fill in the defaults of the others."""
-    unused = [
-        f"--{name}"
-        for name, needs in (
-            ("int8_mode", args.quantize),
-            ("calibration_samples", args.quantize and args.int8_mode == "static"),
-            ("batch_size", args.quantize),
-        )
-        if getattr(args, name) is not None and not needs
-    ]
-    if unused:
-        raise UserError(
-            f"{' and '.join(unused)} {'is' if len(unused) == 1 else 'are'} read only with --quantize int8"
-            f"{' --int8_mode static' if unused == ['--calibration_samples'] else ''}: add that, or leave "
-            f"{'it' if len(unused) == 1 else 'them'} out."
-        )
+    is_run = RunRecord.exists(args.model)
+    for name, needs, when in (
+        ("int8_mode", args.quantize, "--quantize int8"),
+        (
+            "calibration_samples",
+            args.quantize and args.int8_mode == "static",
+            "--quantize int8 --int8_mode static",
+        ),
+        ("batch_size", args.quantize and is_run, "--quantize int8 of a training run (to measure top-1)"),
+    ):
+        if getattr(args, name) is not None and not needs:
+            raise UserError(f"--{name} is read only with {when}: add that, or leave --{name} out.")
     args.int8_mode = args.int8_mode or "dynamic"
     args.calibration_samples = 256 if args.calibration_samples is None else args.calibration_samples
     args.batch_size = 64 if args.batch_size is None else args.batch_size
