@@ -586,6 +586,49 @@ def test_resuming_a_run_that_reached_its_length_is_refused_and_changes_nothing(
     )
 
 
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite_output_dir", "true"]], ids=["plain", "overwrite"])
+@pytest.mark.parametrize(
+    "files", [["holiday.jpg", "notes/"], ["config.json", "model.safetensors"]], ids=["photos", "a model"]
+)
+def test_a_folder_that_is_not_a_run_is_never_trained_into_or_cleared(
+    data, tmp_path, capsys, files, overwrite
+):
+    """A user's folder (photos, a plain saved model) given as --output_dir: a run's README.md and config.json would
+    land among its files, and --overwrite_output_dir would delete them all."""
+    folder = tmp_path / "mine"
+    for name in files:
+        path = folder / name.rstrip("/")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir() if name.endswith("/") else path.write_text("mine")
+    argv = [
+        "train",
+        "--dataset_name",
+        str(data),
+        *TINY,
+        *SCRATCH,
+        *NO_TEACHER,
+        "--output_dir",
+        str(folder),
+        *overwrite,
+    ]
+    expect_refusal(
+        capsys, tmp_path, argv, f"--output_dir {folder} holds files that are not a deit-distill run"
+    )
+
+
+def test_overwriting_a_run_keeps_the_folders_hidden_entries(data, tmp_path, capsys):
+    """A run folder cloned from its Hub repo holds a .git: replacing the run must not delete it."""
+    out = tmp_path / "run"
+    argv = ["train", "--dataset_name", str(data), *TINY, *SCRATCH, *NO_TEACHER, "--output_dir", str(out)]
+    assert cli(argv) == 0
+    (out / ".git").mkdir()
+    (out / ".git" / "HEAD").write_text("ref: refs/heads/main")
+    (out / "old_notes.txt").write_text("from the previous run")
+    assert cli([*argv, "--overwrite_output_dir", "true"]) == 0
+    assert (out / ".git" / "HEAD").read_text() == "ref: refs/heads/main"
+    assert not (out / "old_notes.txt").exists() and (out / "model.safetensors").is_file()
+
+
 # -------------------------------------------------------------------------------------------- interruptions
 def test_ctrl_c_in_train_is_one_line_exit_130_and_releases_the_folder(data, tmp_path, capsys, monkeypatch):
     from deit_distill.training.trainer import DistillationTrainer

@@ -45,13 +45,13 @@ from deit_distill.training.collator import DistillationCollator
 from deit_distill.training.data import count_unlabeled
 from deit_distill.training.errors import Interrupted, UserError
 from deit_distill.training.evaluation import HEADS, metric_key
-from deit_distill.training.folder_lock import LOCK_FILE, hold_folder
+from deit_distill.training.folder_lock import hold_folder
 from deit_distill.training.losses import DistillationLoss
 from deit_distill.training.models import BuiltModel, build_model, check_model_arguments
 from deit_distill.training.run_record import RUN_RECORD_FILE, RunRecord, hub_dataset_id, hub_model_id
 from deit_distill.training.teacher import load_teacher, load_teacher_image_processor
 from deit_distill.training.teacher_cache import TeacherCache, check_cache_files, open_for_run
-from deit_distill.training.trainer import DistillationTrainer, last_complete_checkpoint
+from deit_distill.training.trainer import LOSS_SETTINGS_FILE, DistillationTrainer, last_complete_checkpoint
 from deit_distill.training.transforms import (
     build_eval_transform,
     build_train_views,
@@ -76,6 +76,13 @@ ArgumentGroups = tuple[
 ARGUMENT_CLASSES = typing.get_args(ArgumentGroups)
 # Files that mean a run finished in a folder (a later run would replace them).
 _FINISHED_RUN_FILES = (RUN_RECORD_FILE, "config.json", "model.safetensors")
+# Files that only this project's runs write (with checkpoint-N folders): a folder holding none is not a run.
+_RUN_MARKERS = (RUN_RECORD_FILE, LOSS_SETTINGS_FILE, "trainer_state.json")
+
+
+def _visible_entries(folder: Path) -> list[Path]:
+    """A folder's entries less hidden ones (a run's own lock, a `.git` of a cloned Hub repo), sorted."""
+    return sorted(path for path in folder.iterdir() if not path.name.startswith("."))
 
 
 def parse_args(argv: list[str] | None = None, command: str = "train") -> ArgumentGroups:
@@ -233,9 +240,8 @@ def clear_output_dir(training_args: TrainingArguments, remove: bool) -> None:
     """
     if remove and training_args.process_index == 0:
         logger.warning("--overwrite_output_dir: removing the previous run in %s.", training_args.output_dir)
-        for path in Path(training_args.output_dir).iterdir():  # all but this run's own lock
-            if path.name != LOCK_FILE:
-                shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        for path in _visible_entries(Path(training_args.output_dir)):  # hidden ones (the lock, a .git) stay
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
     PartialState().wait_for_everyone()
 
 
@@ -245,8 +251,21 @@ def check_output_dir(training_args: TrainingArguments, run_args: RunArguments) -
     Every process calls it before any work, so all refuse alike and early.
     """
     output_dir = Path(training_args.output_dir)
-    if not output_dir.is_dir() or not any(path.name != LOCK_FILE for path in output_dir.iterdir()):
+    entries = _visible_entries(output_dir) if output_dir.is_dir() else []
+    if not entries:
         return False
+    if not any((output_dir / name).exists() for name in _RUN_MARKERS) and not any(
+        output_dir.glob("checkpoint-*")
+    ):
+        # Not a run: a run's files (config.json, README.md, ...) would land among the user's, and
+        # --overwrite_output_dir would delete them.
+        shown = ", ".join(path.name + ("/" if path.is_dir() else "") for path in entries[:5])
+        more = f" and {len(entries) - 5} more" if len(entries) > 5 else ""
+        raise UserError(
+            f"--output_dir {output_dir} holds files that are not a deit-distill run ({shown}{more}); a run is "
+            "written to a new or empty folder (and --overwrite_output_dir replaces only a previous run): choose "
+            "another --output_dir."
+        )
     resuming = training_args.resume_from_checkpoint not in (None, "", "false", "False")
     finished = [name for name in _FINISHED_RUN_FILES if (output_dir / name).exists()]
     checkpoints = sorted(path.name for path in output_dir.glob("checkpoint-*"))
