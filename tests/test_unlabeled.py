@@ -184,12 +184,12 @@ def test_train_with_unlabelled_images_records_them(data, tmp_path):
     ],
 )
 def test_bad_unlabelled_arguments_get_one_line_before_anything_is_written(
-    data, tmp_path, capsys, flags, named
+    data, tiny_model_dir, tmp_path, capsys, flags, named
 ):
     names = {"pool": str(data["unlabeled"]), "missing": str(tmp_path / "nowhere")}
     out = tmp_path / "run"
     argv = ["train", *TINY, "--max_steps", "1", "--dataset_name", str(data["labelled"]),
-            "--unlabeled_dataset", names["pool"], "--distillation_type", "hard", "--teacher", "x/y",
+            "--unlabeled_dataset", names["pool"], "--distillation_type", "hard", "--teacher", str(tiny_model_dir),
             *[flag.format(**names) for flag in flags], "--output_dir", str(out)]  # fmt: skip
     assert cli(argv) != 0
     err = capsys.readouterr().err.strip().splitlines()
@@ -198,10 +198,10 @@ def test_bad_unlabelled_arguments_get_one_line_before_anything_is_written(
     assert not out.exists()
 
 
-def test_the_training_data_without_a_labelled_subset_is_refused(data, tmp_path, capsys):
+def test_the_training_data_without_a_labelled_subset_is_refused(data, tiny_model_dir, tmp_path, capsys):
     argv = ["train", *TINY, "--max_steps", "1", "--dataset_name", str(data["labelled"]),
             "--unlabeled_dataset", str(data["labelled"]), "--distillation_type", "hard",
-            "--teacher", "x/y", "--output_dir", str(tmp_path / "run")]  # fmt: skip
+            "--teacher", str(tiny_model_dir), "--output_dir", str(tmp_path / "run")]  # fmt: skip
     assert cli(argv) != 0
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert "is the training data itself" in line and "--max_train_samples" in line
