@@ -31,6 +31,7 @@ from PIL import Image
 from deit_distill.training.arguments import check_settings_take_effect
 from deit_distill.training.commands.cli import main as cli
 from deit_distill.training.commands.train import parse_args
+from deit_distill.training.errors import UserError
 from deit_distill.training.folder_lock import LOCK_FILE
 from deit_distill.training.run_record import RUN_RECORD_FILE, RunRecord
 
@@ -833,3 +834,19 @@ def test_ctrl_c_while_a_command_is_still_loading_is_one_line_exit_130(data, tmp_
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("deit-distill"), err[-500:]
     assert "interrupted" in err.strip().splitlines()[-1]
+
+
+def test_an_error_of_several_lines_is_printed_as_one(capsys, monkeypatch):
+    """Some messages passed on from a library (or listing several fields) have several lines: still one line."""
+    from deit_distill.training.commands import views
+
+    def refuse(argv):
+        raise UserError("a cache of other views. Differing fields:\n  seed: 0 vs 1\n  epochs: 2 vs 3")
+
+    monkeypatch.setattr(views, "main", refuse)
+    assert cli(["views", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert (
+        err == "deit-distill: error: a cache of other views. Differing fields: seed: 0 vs 1 epochs: 2 vs 3\n"
+    )

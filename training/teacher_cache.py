@@ -520,9 +520,9 @@ class TeacherCache:
         if lines:
             raise UserError(
                 f"--teacher_cache {self.directory} was written for other views or another teacher; it cannot "
-                "stand in for this run's teacher. Differing fields:\n  "
-                + "\n  ".join(lines)
-                + "\nTrain with the cache's arguments, or write a cache for these (deit-distill cache-teacher)."
+                "stand in for this run's teacher. Differing fields: "
+                + "; ".join(lines)
+                + ". Train with the cache's arguments, or write a cache for these (deit-distill cache-teacher)."
             )
 
     def check_pixels(self, trainer: Any) -> None:
@@ -552,9 +552,7 @@ class TeacherCache:
         ]
         raise UserError(
             f"--teacher_cache {self.directory} replays other pixels here: its first {batches} batches hash "
-            "differently. Differing fields:\n  "
-            + "\n  ".join(lines)
-            + "\nInstall the versions the cache was "
+            "differently. Differing fields: " + "; ".join(lines) + ". Install the versions the cache was "
             "written with, or write a cache here (deit-distill cache-teacher)."
         )
 
@@ -841,7 +839,7 @@ def _start_or_resume(directory: Path, metadata: dict[str, Any], is_main: bool) -
         if lines:
             raise UserError(
                 f"--teacher_cache {directory} holds a cache written with other arguments; choose another folder "
-                "or remove it. Differing fields:\n  " + "\n  ".join(lines)
+                "or remove it. Differing fields: " + "; ".join(lines) + "."
             )
         if existing.get("complete"):
             logger.info("teacher cache %s is already complete.", directory)

@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:
         if debug or not is_expected_error(error):
             raise
-        print_last_line(f"deit-distill: error: {error}")
+        # One line, also when a library's message we pass on has several.
+        print_last_line("deit-distill: error: " + " ".join(part.strip() for part in str(error).splitlines()))
         return 2
     except SystemExit as done:  # --help, and argparse's own exits
         return done.code if isinstance(done.code, int) else (0 if done.code is None else 2)
