@@ -104,7 +104,10 @@ def print_last_line(line: str) -> None:
     for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
         if not getattr(bar, "disable", True):
             bar.close()
-    print(("\r\033[K" if sys.stderr.isatty() else "") + line, file=sys.stderr, flush=True)
+    # One write, newline included: the processes of a multi-process launch share stderr, and print() writes the
+    # newline apart, so two processes' lines could run together.
+    sys.stderr.write(("\r\033[K" if sys.stderr.isatty() else "") + line + "\n")
+    sys.stderr.flush()
 
 
 def _raise_terminated(signal_number: int, frame: object) -> None:
