@@ -519,3 +519,38 @@ def test_convert_names_what_each_source_and_checkpoint_actually_is(tmp_path, cap
     assert cli([*native, "--checkpoint", str(weights)]) == 2
     assert "--checkpoint is read only with --from timm" in _error_line(capsys)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["weights"]  # nothing written
+
+
+def test_convert_refuses_a_source_of_the_other_kind_instead_of_reinitialising_it(tmp_path, capsys):
+    """from_pretrained only warns when a checkpoint does not fit the class: a ResNet or a transformers DeiT read
+    as a deit-distill model came out as a random DeiT, saved with exit 0."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    from deit_distill.training.commands.cli import main as cli
+
+    ResNetForImageClassification(
+        ResNetConfig(hidden_sizes=[8, 16], depths=[1, 1], embedding_size=8)
+    ).save_pretrained(tmp_path / "resnet")
+    transformers_reference(DeiTForImageClassificationWithTeacher, (48, 32), True).save_pretrained(
+        tmp_path / "native"
+    )
+    ours = run_convert(
+        _cli(
+            "--from", "transformers", "--source", str(tmp_path / "native"), "--output", str(tmp_path / "ours")
+        )
+    )
+    capsys.readouterr()
+    cases = [
+        ("deit-distill", tmp_path / "resnet", "is a resnet model (ResNetForImageClassification), not a deit-distill one: only DeiT and ViT"),
+        ("deit-distill", tmp_path / "native", "is a deit model (DeiTForImageClassificationWithTeacher), not a deit-distill one: --from transformers reads it"),
+        ("transformers", ours, "is a deit-distill model already: convert it with --from deit-distill"),
+    ]  # fmt: skip
+    for source_format, source, expected in cases:
+        assert (
+            cli(
+                ["convert", "--from", source_format, "--source", str(source), "--output", str(tmp_path / "x")]
+            )
+            == 2
+        )
+        assert expected in _error_line(capsys), source
+    assert not (tmp_path / "x").exists()

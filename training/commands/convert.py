@@ -15,6 +15,7 @@ from pathlib import Path
 from transformers import AutoConfig, PreTrainedModel
 
 from deit_distill.modeling_deit_distill import (
+    DeiTDistillConfig,
     DeiTDistillForImageClassification,
     attach_pipeline,
     build_image_processor,
@@ -197,9 +198,35 @@ def _check_arguments(args: argparse.Namespace) -> None:
         if not os.path.exists(args.source) and args.source.count("/") != 1:
             raise MissingPathError(f"--source {args.source}: no such file or folder.")
         check_model_folder(args.source, "--source")
+        _check_source_kind(args.source, args.source_format)
     if not 0 < args.crop_pct <= 1:
         raise UserError(f"--crop_pct must be in (0, 1], got {args.crop_pct}.")
     check_output_folder(args.output, "--output", CONVERT_OUTPUT, args.overwrite == "true")
+
+
+def _check_source_kind(source: str, source_format: str) -> None:
+    """A local --source of the other kind would load with its weights re-initialised (from_pretrained only warns):
+    name its kind and the --from that reads it."""
+    config_file = Path(source, "config.json")
+    if not config_file.is_file():
+        return  # a Hub id: its loader says what it is
+    config = read_json_file(config_file, "--source")
+    model_type, architectures = config.get("model_type"), config.get("architectures") or []
+    ours = model_type == DeiTDistillConfig.model_type
+    if source_format == "deit-distill" and not ours:
+        hint = (
+            "--from transformers reads it"
+            if any(name in TRANSFORMERS_STUDENT_CLASSES for name in architectures)
+            else "only DeiT and ViT image classifiers convert (--from transformers or --from timm)"
+        )
+        raise UserError(
+            f"--source {source} is a {model_type} model ({', '.join(architectures) or 'no architectures'}), not a "
+            f"deit-distill one: {hint}."
+        )
+    if source_format == "transformers" and ours:
+        raise UserError(
+            f"--source {source} is a deit-distill model already: convert it with --from deit-distill."
+        )
 
 
 def _from_transformers(source: str) -> DeiTDistillForImageClassification:
