@@ -352,6 +352,8 @@ OUT_OF_RANGE = [
     (["--config_overrides", "hidden_size=16;patch_size=8"], "Field 'hidden_size' expected int, got str"),
     (["--config_overrides", "patch_size=8,hidden_size=16,num_attention_heads=2", "--image_size", "20"], "--image_size 20"),
     (["--architecture", "resnet", "--config_overrides", "hiden_sizes=[8]"], "'hiden_sizes' of ResNetConfig; did you mean hidden_sizes?"),
+    (["--architecture", "resnet", "--config_overrides", "hidden_sizes=[8,16,32],depths=[1,1]"], "hidden_sizes has 3 stages and depths 2"),
+    (["--config_overrides", "hidden_size=30,num_attention_heads=4,patch_size=8"], "--config_overrides hidden_size=30,num_attention_heads=4,patch_size=8: DeiTDistillConfig.hidden_size (30) must be divisible"),
 ]  # fmt: skip
 
 
@@ -849,4 +851,18 @@ def test_an_error_of_several_lines_is_printed_as_one(capsys, monkeypatch):
     assert err.count("\n") == 1
     assert (
         err == "deit-distill: error: a cache of other views. Differing fields: seed: 0 vs 1 epochs: 2 vs 3\n"
+    )
+
+
+def test_piped_help_and_a_training_flag_given_to_eval(model, capsys):
+    """`deit-distill --help | head -1` ends quietly (a reader that leaves is no error); eval takes no --lr."""
+    exe = Path(sys.executable).with_name("deit-distill")
+    for command in (f"{exe} --help | head -1", f"{exe} eval --help | head -2"):
+        done = subprocess.run(
+            ["bash", "-c", f"set -o pipefail; {command}"], capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0 and done.stderr == "", (command, done.stderr[-2000:])
+    assert cli(["eval", str(model), "--lr", "3"]) == 2
+    assert one_error_line(capsys).endswith(
+        "unknown flag --lr: this command takes no --learning_rate; see --help for its flags."
     )

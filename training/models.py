@@ -94,7 +94,13 @@ def _scratch_model(model_args: ModelArguments, label_kwargs: dict[str, Any]) -> 
     _check_override_names(overrides, ResNetConfig if resnet else DeiTDistillConfig)
     try:
         if resnet:
-            config = ResNetConfig(**{**RESNET_TEACHER_DEFAULTS, **overrides}, **label_kwargs)
+            layout = {**RESNET_TEACHER_DEFAULTS, **overrides}
+            if len(layout["hidden_sizes"]) != len(layout["depths"]):  # one width and one depth per stage
+                raise UserError(
+                    f"--config_overrides: hidden_sizes has {len(layout['hidden_sizes'])} stages and depths "
+                    f"{len(layout['depths'])}; give both one entry per stage."
+                )
+            config = ResNetConfig(**layout, **label_kwargs)
             config.image_size = model_args.image_size or 224
             return ResNetForImageClassification(config)
         use_token = model_args.use_distillation_token
@@ -141,7 +147,10 @@ def _check_override_names(overrides: dict[str, Any], config_class: type) -> None
 
 def _model_flags_error(error: BaseException, model_args: ModelArguments) -> UserError:
     """One line for a model these flags cannot build, naming the flags that shape it."""
-    message = " ".join(str(error).split())
+    # A validator's error ends with its reason ("...:\n    ValueError: hidden_size (30) must be divisible by ..."):
+    # keep the reason, without the validator's framing or the exception's name.
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    message = re.sub(r"^[A-Za-z]+Error: ", "", lines[-1])
     if "attn_implementation" in message:
         return UserError(f"--attn_implementation {model_args.attn_implementation}: {message}")
     if message.startswith("Unknown DeiT variant"):

@@ -140,6 +140,10 @@ def entry_point() -> None:
     except KeyboardInterrupt:  # before a command started (while its modules load): nothing was done
         print("deit-distill: interrupted.", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # `deit-distill ... | head`: the reader left, which is no error of ours
+        # Python's documented way: point stdout at devnull so the flush at exit does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,8 @@ def unknown_flag_message(given: str, known: Iterable[str], where: str = "") -> s
     known = list(known)
     if COMMON_NAMES.get(flag) in known:
         return f"unknown flag {flag}{where}; did you mean {COMMON_NAMES[flag]}?"
+    if flag in COMMON_NAMES:  # a training flag given to a command that does not train
+        return f"unknown flag {flag}{where}: this command takes no {COMMON_NAMES[flag]}; see --help for its flags."
     close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
     hint = f"did you mean {close[0]}?" if close else "see --help for the flags."
     return f"unknown flag {flag}{where}; {hint}"
