@@ -866,3 +866,20 @@ def test_piped_help_and_a_training_flag_given_to_eval(model, capsys):
     assert one_error_line(capsys).endswith(
         "unknown flag --lr: this command takes no --learning_rate; see --help for its flags."
     )
+
+
+def test_predict_with_weights_that_give_nan_reports_each_image_as_failed(model, data, tmp_path, capsys):
+    """Bits damaged inside model.safetensors (header and size intact) pass every file check; the NaN scores they
+    give are reported per image (exit 1), not printed as predictions."""
+    from safetensors.torch import load_file, save_file
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(model, damaged)
+    weights = load_file(damaged / "model.safetensors")
+    name = next(key for key in weights if key.endswith("classifier.weight"))
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, damaged / "model.safetensors", metadata={"format": "pt"})
+    image = data / "circle" / "0.png"
+    assert cli(["predict", str(damaged), str(image)]) == 1
+    err = capsys.readouterr().err
+    assert f"{image}: error: cannot classify: ValueError: the model's scores are NaN" in err

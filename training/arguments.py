@@ -135,8 +135,9 @@ class DataArguments:
     allow_classes_without_training_images: bool = field(
         default=False,
         metadata={
-            "help": "Keep classes that have no training image (e.g. only in the eval split), with a warning; "
-            "otherwise they are refused, since their outputs would never train."
+            "help": "Keep classes of the label list that have no training image (an empty class folder, one "
+            "emptied by --max_train_samples or --on_corrupt_image skip), with a warning; otherwise they are refused, "
+            "since their outputs would never train. An eval label that is not in the list at all is always refused."
         },
     )
     max_train_samples: int | None = field(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -90,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
             if not os.path.isfile(path):
                 raise FileNotFoundError("no such file")
             predictions = classifier(path, top_k=top_k)
+            if any(math.isnan(prediction["score"]) for prediction in predictions):
+                raise ValueError(
+                    "the model's scores are NaN: its weights are damaged, or its training diverged"
+                )
         except Exception as error:  # one bad image must not stop the others
             failed += 1
             reason = (
