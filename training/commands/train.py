@@ -475,10 +475,7 @@ def _train(
         resume = True  # the newest complete checkpoint in output_dir
     elif resume is not None and not os.path.isdir(resume):
         raise UserError(f"--resume_from_checkpoint {resume}: no such checkpoint folder (or use 'true').")
-    if resume is True and last_complete_checkpoint(training_args.output_dir) is None:
-        logger.warning(
-            "No complete checkpoint in %s to resume from; starting from scratch.", training_args.output_dir
-        )
+    # With no complete checkpoint, `DistillationTrainer.train` says it starts from scratch.
     train_result = trainer.train(resume_from_checkpoint=resume or None)
     trainer.save_model()
     trainer.save_metrics("train", train_result.metrics)
