@@ -591,6 +591,11 @@ def _load_tables(
         parts = []
         for (folder, suffix), paths in by_folder.items():
             builder = TABLE_BUILDERS[suffix]
+            # A file the builder cannot parse is logged by it (ERROR) before it raises: our one line below
+            # carries its reason, so that log line would only say it twice.
+            builders_log = logging.getLogger("datasets.packaged_modules")
+            level = builders_log.level
+            builders_log.setLevel(logging.CRITICAL)
             try:
                 part = datasets.load_dataset(
                     builder,
@@ -613,6 +618,8 @@ def _load_tables(
                         ").",
                     )
                 ) from error
+            finally:
+                builders_log.setLevel(level)
             parts.append(_with_paths_resolved(part, image_column, folder, source, flag))
         splits[split] = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     return splits
