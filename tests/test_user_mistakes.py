@@ -566,6 +566,7 @@ def test_a_run_records_absolute_paths_and_eval_works_from_anywhere(
     avg_row = next(line for line in printed.splitlines() if line.startswith("  avg "))
     assert avg_row.split()[1:] == [f"{100 * results[f'eval_avg_top{k}']:.2f}" for k in (1, 5)]
     assert f"eval loss {results['eval_loss']:.4f}" in printed
+    assert f"student-teacher agreement {100 * results['eval_agreement']:.2f}" in printed
     monkeypatch.chdir(tmp_path)
     assert cli(["eval", str(tmp_path / "run")]) == 0
     assert json.loads(capsys.readouterr().out)["eval_avg_top1"] == results["eval_avg_top1"]

@@ -44,7 +44,7 @@ from deit_distill.training.checkpoints import check_model_folder, read_json_file
 from deit_distill.training.collator import DistillationCollator
 from deit_distill.training.data import count_unlabeled
 from deit_distill.training.errors import Interrupted, UserError
-from deit_distill.training.evaluation import HEADS, metric_key
+from deit_distill.training.evaluation import AGREEMENT, HEADS, metric_key
 from deit_distill.training.folder_lock import hold_folder
 from deit_distill.training.losses import DistillationLoss
 from deit_distill.training.models import BuiltModel, build_model, check_model_arguments
@@ -608,6 +608,8 @@ def format_final_evaluation(metrics: dict[str, float], output_dir: str) -> str:
         top1, topk = metrics.get(metric_key(head, 1, "eval_")), metrics.get(metric_key(head, k, "eval_"))
         if top1 is not None:
             rows.append(f"  {head:<8}{100 * top1:8.2f}" + ("" if topk is None else f"{100 * topk:8.2f}"))
+    if f"eval_{AGREEMENT}" in metrics:  # the share of images where the student's top-1 is the teacher's
+        rows.append(f"  student-teacher agreement {100 * metrics[f'eval_{AGREEMENT}']:.2f}")
     if "eval_loss" in metrics:
         rows.append(f"  eval loss {metrics['eval_loss']:.4f}")
     return "\n".join(rows)
