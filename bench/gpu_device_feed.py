@@ -16,6 +16,7 @@ The ratios the issue asks for are computed against the `training` section's math
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -56,18 +57,7 @@ GPU_FEED = FeedProfile(
 # `--feed_size short`: the same runs on fewer distinct JPEGs (writing them is single-threaded, about 15-30 ms each)
 # and fewer steps, so that the section fits a short GPU lease next to others (bench/gpu_run.sh); still 256-image
 # batches, compiled, with as many timed steps after warm-up as the rate needs to settle.
-SHORT_FEED = FeedProfile(
-    images=1024,
-    classes=100,
-    image_size=224,
-    student=["--variant", "small"],
-    batch_size=256,
-    steps=36,
-    warmup_steps=12,
-    workers=FEED_WORKERS,
-    precision=["--bf16", "true"],
-    compile=True,
-)
+SHORT_FEED = dataclasses.replace(GPU_FEED, images=1024, steps=36, warmup_steps=12)
 FEED_PROFILES = {"full": GPU_FEED, "short": SHORT_FEED}
 SMOKE_FEED = FeedProfile(
     images=48,
