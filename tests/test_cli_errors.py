@@ -111,7 +111,10 @@ def test_a_missing_relative_teacher_path_says_so(folder, tmp_path, capsys, monke
     assert cli(["train", "--dataset_name", str(folder), *TINY, *flags]) == 2
     # Offline, a Hub id that is not in the local cache is said before the data loads.
     line = error_line(capsys)
-    assert "--teacher runs/teacher: no such folder here, and as a Hub id it is not in the local Hub cache" in line
+    assert (
+        "--teacher runs/teacher: no such folder here, and as a Hub id it is not in the local Hub cache"
+        in line
+    )
     assert not (tmp_path / "o").exists()
 
 
