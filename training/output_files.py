@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .folder_lock import check_folder_path
 
 _UMASK_LOCK = threading.Lock()
 
@@ -89,28 +90,28 @@ class OutputKind:
         )
 
 
-def _listing(names: list[str], limit: int = 4) -> str:
+def name_listing(names: list[str], limit: int = 4) -> str:
+    """`a, b, c, d and 3 more`: the first entries of a folder for a one-line message."""
     shown = ", ".join(names[:limit])
     return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def check_output_folder(path: str | os.PathLike, flag: str, kind: OutputKind, overwrite: bool) -> None:
     """Raise a `UserError` unless `path` may be written: missing, empty, or (with `overwrite`) `kind`'s output."""
+    check_folder_path(path, flag)
     folder = Path(path)
-    if folder.exists() and not folder.is_dir():
-        raise UserError(f"{flag} {path} is a file, not a folder: choose a folder path.")
     if not folder.is_dir() or not any(folder.iterdir()):
         return
     entries = sorted(entry.name for entry in folder.iterdir())
     foreign = kind.foreign_entries(folder)
     if foreign or not any((folder / marker).is_file() for marker in kind.markers):
         raise UserError(
-            f"{flag} {path} holds files that are not {kind.what} ({_listing(foreign or entries)}); `{kind.command}` "
+            f"{flag} {path} holds files that are not {kind.what} ({name_listing(foreign or entries)}); `{kind.command}` "
             "replaces only its own output: choose a new or empty folder."
         )
     if not overwrite:
         raise UserError(
-            f"{flag} {path} holds {kind.what} ({_listing(entries)}); choose a new or empty folder, or replace it "
+            f"{flag} {path} holds {kind.what} ({name_listing(entries)}); choose a new or empty folder, or replace it "
             "with --overwrite true."
         )
 

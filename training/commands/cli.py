@@ -54,9 +54,8 @@ def is_expected_error(error: BaseException) -> bool:
     """A user's mistake (one line), as opposed to a bug (a traceback)."""
     if isinstance(error, (UserError, FileNotFoundError)):
         return True
-    data = sys.modules.get(
-        "deit_distill.training.data"
-    )  # an image error can only come once data.py is loaded
+    # An image error can only come once data.py is loaded.
+    data = sys.modules.get("deit_distill.training.data")
     return data is not None and isinstance(error, data.CorruptImageError)
 
 

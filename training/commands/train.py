@@ -48,6 +48,7 @@ from deit_distill.training.evaluation import AGREEMENT, HEADS, metric_key
 from deit_distill.training.folder_lock import hold_folder
 from deit_distill.training.losses import DistillationLoss
 from deit_distill.training.models import BuiltModel, build_model, check_model_arguments
+from deit_distill.training.output_files import name_listing
 from deit_distill.training.run_record import RUN_RECORD_FILE, RunRecord, hub_dataset_id, hub_model_id
 from deit_distill.training.teacher import load_teacher, load_teacher_image_processor
 from deit_distill.training.teacher_cache import TeacherCache, check_cache_files, open_for_run
@@ -259,10 +260,9 @@ def check_output_dir(training_args: TrainingArguments, run_args: RunArguments) -
     ):
         # Not a run: a run's files (config.json, README.md, ...) would land among the user's, and
         # --overwrite_output_dir would delete them.
-        shown = ", ".join(path.name + ("/" if path.is_dir() else "") for path in entries[:5])
-        more = f" and {len(entries) - 5} more" if len(entries) > 5 else ""
+        shown = name_listing([path.name + ("/" if path.is_dir() else "") for path in entries], limit=5)
         raise UserError(
-            f"--output_dir {output_dir} holds files that are not a deit-distill run ({shown}{more}); a run is "
+            f"--output_dir {output_dir} holds files that are not a deit-distill run ({shown}); a run is "
             "written to a new or empty folder (and --overwrite_output_dir replaces only a previous run): choose "
             "another --output_dir."
         )
